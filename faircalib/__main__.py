@@ -1,0 +1,5 @@
+import sys
+
+from faircalib.cli import main
+
+sys.exit(main())

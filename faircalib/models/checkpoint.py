@@ -1,0 +1,179 @@
+"""Reading and writing checkpoint directories: config.json + safetensors (single file or sharded).
+
+Tensors are read one at a time straight into the dtype the caller asks for, so an 8B checkpoint never
+exists twice in memory: the model is built on the meta device and each parameter is assigned once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from faircalib.errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """Parse ``model_dir/config.json`` with errors that name the path."""
+    if not model_dir.exists():
+        raise CheckpointError(f"model directory not found: {model_dir}")
+    if not model_dir.is_dir():
+        raise CheckpointError(f"expected a model directory, got a file: {model_dir}")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: is this a model directory?")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object")
+    return config
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where each tensor of a safetensors checkpoint lives; nothing is loaded until asked for."""
+
+    files: Mapping[str, Path]  # tensor name -> file
+
+    @classmethod
+    def open(cls, model_dir: Path) -> TensorSource:
+        index_path = model_dir / INDEX_FILE
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index_path} is not a safetensors index (no weight_map)") from None
+            shards = {name: model_dir / shard for name, shard in weight_map.items()}
+            for shard in sorted(set(shards.values())):
+                if not shard.is_file():
+                    raise CheckpointError(f"{index_path.name} points at {shard.name}, which is missing")
+            return cls(shards)
+        single = model_dir / SINGLE_FILE
+        if single.is_file():
+            with _open(single) as handle:
+                return cls({name: single for name in handle.keys()})  # noqa: SIM118 (safe_open is not iterable)
+        raise CheckpointError(f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with _open(self.files[name]) as handle:
+            return tuple(handle.get_slice(name).get_shape())
+
+    def load_into(self, model: torch.nn.Module, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+        """Assign every parameter of ``model`` (built on the meta device) from the checkpoint.
+
+        Raises CheckpointError naming every missing tensor, or the first one whose shape differs.
+        Tensors in the checkpoint that the model does not use are ignored.
+        """
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(self.files))
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+        loaded: dict[str, torch.Tensor] = {}
+        for path, names in _group_by_file({n: self.files[n] for n in expected}).items():
+            with _open(path) as handle:
+                for name in names:
+                    tensor = handle.get_tensor(name)
+                    want = tuple(expected[name].shape)
+                    if tuple(tensor.shape) != want:
+                        raise CheckpointError(
+                            f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
+                            f"but the config implies {want}"
+                        )
+                    loaded[name] = tensor.to(device=device, dtype=dtype)
+        model.load_state_dict(loaded, assign=True)
+
+
+def _group_by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:
+    grouped: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        grouped.setdefault(path, []).append(name)
+    return grouped
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as err:  # safetensors raises its own untyped errors on a corrupt header
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], out_dir: Path, max_shard_bytes: int | None = None
+) -> list[Path]:
+    """Write tensors as ``model.safetensors``, or as HF-style shards plus an index when they exceed
+    ``max_shard_bytes``. Returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    shards = list(_split_shards(tensors, max_shard_bytes))
+    if len(shards) == 1:
+        path = out_dir / SINGLE_FILE
+        save_file(shards[0], str(path), metadata={"format": "pt"})
+        return [path]
+    written, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        path = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        weight_map.update({name: path.name for name in shard})
+        written.append(path)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json_atomic(out_dir / INDEX_FILE, index)
+    return written + [out_dir / INDEX_FILE]
+
+
+def _split_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and max_bytes is not None and size + nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = tensor
+        size += nbytes
+    yield shard
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(obj, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_REQUIRED = object()
+
+
+def config_field(config: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """One typed field of a config.json, with an error that names it."""
+    if key not in config or config[key] is None:
+        if default is _REQUIRED:
+            raise CheckpointError(f"config.json is missing the field '{key}'")
+        return default
+    value = config[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CheckpointError(f"config.json field '{key}' should be {kind.__name__}, got {value!r}")
+    return value
