@@ -194,3 +194,28 @@ def test_corrupt_config_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_denoiser(tmp_path)
+
+
+def test_tokenizer_naming_a_custom_class_loads_without_remote_code(tmp_path, tiny_dirs):
+    """Dream's tokenizer_config.json names a custom class; we never run remote code."""
+    import shutil
+
+    from faircalib.models import load_tokenizer
+
+    shutil.copytree(tiny_dirs["bert"], tmp_path / "m")
+    config_path = tmp_path / "m" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(
+        tokenizer_class="DreamTokenizer", auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]}
+    )
+    config_path.write_text(json.dumps(config))
+    tokenizer = load_tokenizer(tmp_path / "m")
+    assert tokenizer("A B")["input_ids"][1:3] == [5, 6]
+
+
+def test_broken_tokenizer_is_a_clear_error(tmp_path):
+    from faircalib.models import load_tokenizer
+
+    (tmp_path / "tokenizer_config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="cannot load the tokenizer"):
+        load_tokenizer(tmp_path)

@@ -20,7 +20,11 @@ def find_vocab_txt(model_dir: Path) -> Path | None:
 
 
 def load_tokenizer(model_dir: Path) -> Any | None:
-    """The directory's Hugging Face tokenizer, a BertTokenizer over a vocab.txt, or None if neither."""
+    """The directory's Hugging Face tokenizer, a BertTokenizer over a vocab.txt, or None if neither.
+
+    Remote code is never run (no trust_remote_code): transformers then loads a tokenizer_config.json
+    that names a custom class (Dream's does) from its tokenizer.json.
+    """
     from transformers import AutoTokenizer, BertTokenizer
 
     if any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
