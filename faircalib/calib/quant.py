@@ -1,0 +1,144 @@
+"""Uniform integer quantizers: weights per output channel or per group along K, activations per token.
+
+Conventions (DESIGN.md section 4): symmetric weights use signed codes in [-2^(b-1), 2^(b-1) - 1] with
+scale = absmax / (2^(b-1) - 1) and no zero-point (what TensorRT's int4 GEMM takes); asymmetric weights
+use unsigned codes in [0, 2^b - 1] with s = (max - min) / (2^b - 1) and z = round(-min / s).
+Scales and zero-points have shape [N, K // group] (group = K for per-channel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from faircalib.errors import ConfigError
+
+_TINY = 1e-10
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    bits: int = 4
+    group_size: int | None = None  # None: one scale per output channel
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise ConfigError(f"weight bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ConfigError(f"group_size must be positive, got {self.group_size}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.int8 if self.symmetric else torch.uint8
+
+    def groups(self, in_features: int) -> int:
+        size = self.group_size or in_features
+        if in_features % size:
+            raise ConfigError(f"in_features {in_features} is not a multiple of group_size {size}")
+        return in_features // size
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """Per-token dynamic activation quantization; bits 16 means no quantization."""
+
+    bits: int = 16
+    symmetric: bool = True
+    clip_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8, 16):
+            raise ConfigError(f"activation bits must be 4, 8 or 16, got {self.bits}")
+        if not 0 < self.clip_ratio <= 1:
+            raise ConfigError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+
+def _grouped(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, K] -> [N, groups, K // groups]."""
+    return w.reshape(w.shape[0], groups, -1)
+
+
+def weight_qparams(
+    w: torch.Tensor, spec: WeightSpec, clip: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale [N, G] and zero-point [N, G] (None when symmetric) for w [N, K]; ``clip`` shrinks the range
+    (a scalar or one ratio per [N, G] entry)."""
+    g = _grouped(w.float(), spec.groups(w.shape[1]))
+    if spec.symmetric:
+        absmax = g.abs().amax(dim=-1) * clip
+        return (absmax / spec.qmax).clamp_min(_TINY), None
+    hi = g.amax(dim=-1).clamp_min(0) * clip
+    lo = g.amin(dim=-1).clamp_max(0) * clip
+    scale = ((hi - lo) / spec.qmax).clamp_min(_TINY)
+    zero = torch.round(-lo / scale).clamp(0, spec.qmax)
+    return scale, zero
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: WeightSpec) -> torch.Tensor:
+    """Integer codes of w [N, K] (int8 when symmetric, uint8 when not) on the grid of scale/zero [N, G]."""
+    g = _grouped(w.float(), scale.shape[1])
+    q = torch.round(g / scale.unsqueeze(-1))
+    if zero is not None:
+        q = q + zero.unsqueeze(-1)
+    return q.clamp(spec.qmin, spec.qmax).reshape(w.shape).to(spec.code_dtype)
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """float32 [N, K] from codes [N, K] and scale/zero [N, G]."""
+    g = _grouped(codes.float(), scale.shape[1])
+    if zero is not None:
+        g = g - zero.unsqueeze(-1)
+    return (g * scale.unsqueeze(-1)).reshape(codes.shape)
+
+
+def fake_quant_weight(w: torch.Tensor, spec: WeightSpec, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Round-to-nearest quantize-dequantize, in w's dtype."""
+    scale, zero = weight_qparams(w, spec, clip)
+    return dequantize_weight(quantize_weight(w, scale, zero, spec), scale, zero).to(w.dtype)
+
+
+def fake_quant_activation(x: torch.Tensor, spec: ActSpec) -> torch.Tensor:
+    """Per-token (last dimension) dynamic quantize-dequantize of x [..., K], in x's dtype."""
+    if not spec.enabled:
+        return x
+    xf = x.float()
+    if spec.symmetric:
+        qmax = 2 ** (spec.bits - 1) - 1
+        scale = (xf.abs().amax(dim=-1, keepdim=True) * spec.clip_ratio / qmax).clamp_min(_TINY)
+        return (torch.round(xf / scale).clamp(-qmax - 1, qmax) * scale).to(x.dtype)
+    qmax = 2**spec.bits - 1
+    hi = xf.amax(dim=-1, keepdim=True).clamp_min(0) * spec.clip_ratio
+    lo = xf.amin(dim=-1, keepdim=True).clamp_max(0) * spec.clip_ratio
+    scale = ((hi - lo) / qmax).clamp_min(_TINY)
+    zero = torch.round(-lo / scale)
+    return ((torch.round(xf / scale + zero).clamp(0, qmax) - zero) * scale).to(x.dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes [..., K] (signed [-8, 7] or unsigned [0, 15], K even) -> uint8 [..., K // 2],
+    two values a byte, low nibble first (the ONNX INT4 / UINT4 layout)."""
+    if codes.shape[-1] % 2:
+        raise ConfigError(f"int4 packing needs an even last dimension, got {codes.shape[-1]}")
+    nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Inverse of ``pack_int4``: uint8 [..., K // 2] -> int8 codes [..., K]."""
+    low, high = (packed & 0xF).to(torch.int8), (packed >> 4).to(torch.int8)
+    codes = torch.stack([low, high], dim=-1).flatten(-2)
+    return torch.where(codes > 7, codes - 16, codes) if signed else codes
