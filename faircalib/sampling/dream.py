@@ -11,15 +11,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from faircalib.models.base import DenoiserSpec
 from faircalib.sampling.config import DreamSampling
-from faircalib.sampling.llada import Denoise, commit_top
-from faircalib.sampling.schedule import Schedule
-from faircalib.sampling.trajectory import GenerationResult, Trajectory, record_step
+from faircalib.sampling.llada import Decision, Denoise, commit_top
+from faircalib.sampling.schedule import ScheduleStep
 
 
 def shift_logits(logits: torch.Tensor) -> torch.Tensor:
     """Position j takes the prediction made at j - 1; position 0 keeps its own."""
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def dream_logits(denoise: Denoise, x: torch.Tensor, spec: DenoiserSpec) -> torch.Tensor:
+    logits = denoise(x)
+    return shift_logits(logits) if spec.logit_shift else logits
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -62,52 +67,43 @@ def sample_tokens(
     return confidence, tokens
 
 
-@torch.no_grad()
-def generate_dream(
-    denoise: Denoise,
-    prompt: torch.Tensor,
+def dream_decide(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    step_index: int,
+    step: ScheduleStep,
     sampling: DreamSampling,
-    schedule: Schedule,
-    mask_id: int,
-    generator: torch.Generator | None = None,
-    record: bool = False,
-) -> GenerationResult:
-    """prompt: [B, P] int64. ``schedule`` = ``plan(sampling, P)``. Returns [B, P + gen_length] tokens."""
-    batch, prompt_len = prompt.shape
-    x = torch.full((batch, schedule.total_length), mask_id, dtype=torch.long, device=prompt.device)
-    x[:, :prompt_len] = prompt
-    timesteps = torch.linspace(1, sampling.eps, sampling.steps + 1, device=x.device)
-    trajectory = Trajectory(prompt_len) if record else None
+    spec: DenoiserSpec,
+    generator: torch.Generator | None,
+) -> Decision:
+    mask_id = spec.mask_token_id
+    masked = x == mask_id
+    mask_logits = logits[masked]
+    candidates = torch.full_like(x, mask_id)
+    confidence = torch.full(x.shape, -torch.inf, dtype=logits.dtype, device=x.device)
 
-    for i, step in enumerate(schedule.steps):
-        masked = x == mask_id
-        logits = shift_logits(denoise(x))
-        mask_logits = logits[masked]
-        candidates = torch.full_like(x, mask_id)
-        confidence = torch.full(x.shape, -torch.inf, dtype=logits.dtype, device=x.device)
-
-        if sampling.alg == "origin":
-            p_transfer = 1 - timesteps[i + 1] / timesteps[i] if i < len(schedule.steps) - 1 else 1.0
-            chosen = torch.rand(mask_logits.shape[0], generator=generator, device=x.device) < p_transfer
-            picked = torch.full((mask_logits.shape[0],), mask_id, dtype=torch.long, device=x.device)
-            if chosen.any():
-                _, picked[chosen] = sample_tokens(mask_logits[chosen], sampling, generator)
-            candidates[masked] = picked
-            committed = masked & (candidates != mask_id)
+    if sampling.alg == "origin":
+        if step_index < sampling.steps - 1:
+            timesteps = torch.linspace(1, sampling.eps, sampling.steps + 1, device=x.device)
+            p_transfer = 1 - timesteps[step_index + 1] / timesteps[step_index]
         else:
-            scores, tokens = sample_tokens(mask_logits, sampling, generator)
-            candidates[masked] = tokens
-            confidence[masked] = scores.to(confidence.dtype)
-            committed = torch.zeros_like(masked)
-            if step.commit:
-                if not sampling.alg_temp:
-                    committed = commit_top(confidence, torch.full((batch,), step.commit))
-                else:
-                    weights = F.softmax(confidence / sampling.alg_temp, dim=-1)
-                    rows = torch.multinomial(weights.float(), step.commit, generator=generator)
-                    committed.scatter_(1, rows, True)
+            p_transfer = 1.0
+        chosen = torch.rand(mask_logits.shape[0], generator=generator, device=x.device) < p_transfer
+        picked = torch.full((mask_logits.shape[0],), mask_id, dtype=torch.long, device=x.device)
+        if chosen.any():
+            _, picked[chosen] = sample_tokens(mask_logits[chosen], sampling, generator)
+        candidates[masked] = picked
+        return Decision(torch.where(masked, candidates, x), confidence, masked & (candidates != mask_id))
 
-        record_step(trajectory, i, step.block, x, logits, committed, candidates, confidence)
-        x = torch.where(committed, candidates, x)
-
-    return GenerationResult(tokens=x, prompt_length=prompt_len, trajectory=trajectory)
+    scores, tokens = sample_tokens(mask_logits, sampling, generator)
+    candidates[masked] = tokens
+    confidence[masked] = scores.to(confidence.dtype)
+    committed = torch.zeros_like(masked)
+    if step.commit:
+        if not sampling.alg_temp:
+            committed = commit_top(confidence, torch.full((x.shape[0],), step.commit))
+        else:
+            weights = F.softmax(confidence / sampling.alg_temp, dim=-1)
+            rows = torch.multinomial(weights.float(), step.commit, generator=generator)
+            committed.scatter_(1, rows, True)
+    return Decision(torch.where(masked, candidates, x), confidence, committed)

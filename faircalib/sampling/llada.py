@@ -9,14 +9,25 @@ it (its softmax probability, or uniform noise for 'random' remasking) and commit
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from faircalib.models.base import DenoiserSpec
 from faircalib.sampling.config import LLaDASampling
-from faircalib.sampling.schedule import Schedule
-from faircalib.sampling.trajectory import GenerationResult, Trajectory, record_step
+from faircalib.sampling.schedule import ScheduleStep
 
 Denoise = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One step's decisions, all [B, L]: the token each position would take, the score positions were
+    ranked by (-inf where not eligible), and which positions are committed now."""
+
+    candidates: torch.Tensor
+    confidence: torch.Tensor
+    committed: torch.Tensor
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -39,52 +50,43 @@ def commit_top(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return chosen
 
 
-@torch.no_grad()
-def generate_llada(
-    denoise: Denoise,
-    prompt: torch.Tensor,
+def llada_logits(
+    denoise: Denoise, x: torch.Tensor, prompt_len: int, sampling: LLaDASampling, spec: DenoiserSpec
+) -> torch.Tensor:
+    """The logits a step decides from: classifier-free guidance against the prompt-masked input
+    (un + (cfg + 1)(cond - un)), and EOS forbidden when ``logits_eos_inf``."""
+    if sampling.cfg_scale > 0:
+        unconditional = x.clone()
+        unconditional[:, :prompt_len] = spec.mask_token_id
+        cond, uncond = denoise(torch.cat([x, unconditional])).chunk(2)
+        logits = uncond + (sampling.cfg_scale + 1) * (cond - uncond)
+    else:
+        logits = denoise(x)
+    if sampling.logits_eos_inf and spec.eos_token_ids:
+        logits = logits.clone()
+        logits[..., spec.eos_token_ids[0]] = -torch.inf
+    return logits
+
+
+def llada_decide(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    step: ScheduleStep,
+    prompt_len: int,
     sampling: LLaDASampling,
-    schedule: Schedule,
-    mask_id: int,
-    eos_ids: tuple[int, ...] = (),
-    generator: torch.Generator | None = None,
-    record: bool = False,
-) -> GenerationResult:
-    """prompt: [B, P] int64. ``schedule`` = ``plan(sampling, P)``. Returns [B, P + gen_length] tokens."""
-    batch, prompt_len = prompt.shape
-    x = torch.full((batch, schedule.total_length), mask_id, dtype=torch.long, device=prompt.device)
-    x[:, :prompt_len] = prompt
-    is_prompt = torch.arange(schedule.total_length, device=x.device) < prompt_len
-    trajectory = Trajectory(prompt_len) if record else None
-
-    for index, step in enumerate(schedule.steps):
-        masked = x == mask_id
-        if sampling.cfg_scale > 0:
-            unconditional = torch.where(is_prompt, mask_id, x)
-            cond, uncond = denoise(torch.cat([x, unconditional])).chunk(2)
-            logits = uncond + (sampling.cfg_scale + 1) * (cond - uncond)
-        else:
-            logits = denoise(x)
-        if sampling.logits_eos_inf and eos_ids:
-            logits = logits.clone()
-            logits[..., eos_ids[0]] = -torch.inf
-
-        x0 = gumbel_argmax(logits, sampling.temperature, generator)
-        if sampling.remasking == "low_confidence":
-            probs = torch.softmax(logits, dim=-1)
-            confidence = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-        else:
-            confidence = torch.rand(x0.shape, generator=generator, device=x0.device).to(logits.dtype)
-        if sampling.confidence_eos_eot_inf:
-            for token in eos_ids:
-                confidence = confidence.masked_fill(x0 == token, -torch.inf)
-
-        confidence = confidence.masked_fill(~masked, -torch.inf)
-        confidence[:, prompt_len + step.block_end :] = -torch.inf
-        x0 = torch.where(masked, x0, x)
-        counts = torch.full((batch,), step.commit, dtype=torch.long)
-        committed = commit_top(confidence, counts)
-        record_step(trajectory, index, step.block, x, logits, committed, x0, confidence)
-        x = torch.where(committed, x0, x)
-
-    return GenerationResult(tokens=x, prompt_length=prompt_len, trajectory=trajectory)
+    spec: DenoiserSpec,
+    generator: torch.Generator | None,
+) -> Decision:
+    masked = x == spec.mask_token_id
+    x0 = gumbel_argmax(logits, sampling.temperature, generator)
+    if sampling.remasking == "low_confidence":
+        confidence = torch.softmax(logits, dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        confidence = torch.rand(x0.shape, generator=generator, device=x0.device).to(logits.dtype)
+    if sampling.confidence_eos_eot_inf:
+        for token in spec.eos_token_ids:
+            confidence = confidence.masked_fill(x0 == token, -torch.inf)
+    confidence = confidence.masked_fill(~masked, -torch.inf)
+    confidence[:, prompt_len + step.block_end :] = -torch.inf
+    counts = torch.full((x.shape[0],), step.commit, dtype=torch.long)
+    return Decision(torch.where(masked, x0, x), confidence, commit_top(confidence, counts))

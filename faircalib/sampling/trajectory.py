@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from faircalib.sampling.llada import Decision
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,7 @@ def record_step(
     block: int,
     tokens: torch.Tensor,
     logits: torch.Tensor,
-    committed: torch.Tensor,
-    new_tokens: torch.Tensor,
-    confidence: torch.Tensor,
+    decision: Decision,
 ) -> None:
     if trajectory is None:
         return
@@ -73,11 +75,11 @@ def record_step(
             step=step,
             block=block,
             tokens=tokens.clone(),
-            committed=committed.clone(),
-            committed_tokens=torch.where(committed, new_tokens, tokens),
+            committed=decision.committed.clone(),
+            committed_tokens=torch.where(decision.committed, decision.candidates, tokens),
             top1=top1,
             top1_prob=top1_prob,
             margin=margin,
-            confidence=confidence.float(),
+            confidence=decision.confidence.float(),
         )
     )

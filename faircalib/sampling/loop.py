@@ -1,0 +1,101 @@
+"""The unmasking loop: execute a Schedule against a ``denoise(tokens) -> logits`` callable.
+
+``step_logits`` and ``decide`` are the two halves of one step, exposed so that the parity metrics can
+ask a student for the decision it would make at the teacher's state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from faircalib.errors import ConfigError
+from faircalib.models.base import DenoiserSpec
+from faircalib.sampling.config import DreamSampling, LLaDASampling, Sampling
+from faircalib.sampling.dream import dream_decide, dream_logits
+from faircalib.sampling.llada import Decision, Denoise, llada_decide, llada_logits
+from faircalib.sampling.schedule import Schedule, ScheduleStep, plan
+from faircalib.sampling.trajectory import GenerationResult, Trajectory, record_step
+
+
+def step_logits(
+    denoise: Denoise, x: torch.Tensor, prompt_len: int, sampling: Sampling, spec: DenoiserSpec
+) -> torch.Tensor:
+    """[B, L, V] logits the sampler decides from (after guidance or the logit shift)."""
+    if isinstance(sampling, DreamSampling):
+        return dream_logits(denoise, x, spec)
+    return llada_logits(denoise, x, prompt_len, sampling, spec)
+
+
+def decide(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    step_index: int,
+    step: ScheduleStep,
+    prompt_len: int,
+    sampling: Sampling,
+    spec: DenoiserSpec,
+    generator: torch.Generator | None = None,
+) -> Decision:
+    if isinstance(sampling, DreamSampling):
+        return dream_decide(logits, x, step_index, step, sampling, spec, generator)
+    return llada_decide(logits, x, step, prompt_len, sampling, spec, generator)
+
+
+def is_deterministic(sampling: Sampling) -> bool:
+    """Whether decisions depend only on the logits (no sampling noise): what teacher-forced parity needs."""
+    if sampling.temperature > 0:
+        return False
+    if isinstance(sampling, LLaDASampling):
+        return sampling.remasking == "low_confidence"
+    return sampling.alg != "origin" and not sampling.alg_temp
+
+
+def validate_prompt(prompt: torch.Tensor, sampling: Sampling, spec: DenoiserSpec) -> torch.Tensor:
+    """[B, P] or [P] int64 ids inside the vocabulary, free of the mask token, for a matching sampler."""
+    if prompt.ndim == 1:
+        prompt = prompt.unsqueeze(0)
+    if prompt.ndim != 2 or prompt.dtype != torch.long:
+        raise ConfigError(f"prompt must be int64 of shape [B, P], got {prompt.dtype} {tuple(prompt.shape)}")
+    if prompt.numel() and (int(prompt.min()) < 0 or int(prompt.max()) >= spec.vocab_size):
+        raise ConfigError(f"prompt token ids must be in [0, {spec.vocab_size}), got {prompt.min()}..{prompt.max()}")
+    if bool((prompt == spec.mask_token_id).any()):
+        raise ConfigError(f"the prompt contains the mask token ({spec.mask_token_id})")
+    if (spec.sampler == "dream") != isinstance(sampling, DreamSampling):
+        raise ConfigError(f"{type(sampling).__name__} does not fit a {spec.family} model ({spec.sampler} sampler)")
+    return prompt
+
+
+@torch.no_grad()
+def generate(
+    denoise: Denoise,
+    prompt: torch.Tensor,
+    sampling: Sampling,
+    spec: DenoiserSpec,
+    *,
+    seed: int = 0,
+    schedule: Schedule | None = None,
+    record: bool = False,
+) -> GenerationResult:
+    """Run ``sampling`` with ``denoise`` from ``prompt`` ([B, P] or [P] int64).
+
+    ``schedule`` defaults to ``plan(sampling, P)``; pass one read from schedule.json to replay an export.
+    The same seed gives the same output. ``record`` keeps a Trajectory of every step.
+    """
+    prompt = validate_prompt(prompt, sampling, spec)
+    batch, prompt_len = prompt.shape
+    schedule = schedule or plan(sampling, prompt_len)
+    if schedule.prompt_length != prompt_len or schedule.gen_length != sampling.gen_length:
+        raise ConfigError(
+            f"schedule is for prompt {schedule.prompt_length} + gen {schedule.gen_length}, "
+            f"got prompt {prompt_len} + gen {sampling.gen_length}"
+        )
+    generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    x = torch.full((batch, schedule.total_length), spec.mask_token_id, dtype=torch.long, device=prompt.device)
+    x[:, :prompt_len] = prompt
+    trajectory = Trajectory(prompt_len) if record else None
+    for index, step in enumerate(schedule.steps):
+        logits = step_logits(denoise, x, prompt_len, sampling, spec)
+        decision = decide(logits, x, index, step, prompt_len, sampling, spec, generator)
+        record_step(trajectory, index, step.block, x, logits, decision)
+        x = torch.where(decision.committed, decision.candidates, x)
+    return GenerationResult(tokens=x, prompt_length=prompt_len, trajectory=trajectory)
