@@ -1,0 +1,155 @@
+"""Decision parity between a full-precision teacher and a student (DESIGN.md section 5).
+
+Teacher-forced metrics replay the teacher's trajectory: at every teacher state the student makes the
+decision the sampler would make (same schedule step, same block) and is compared with the teacher's.
+Free-running metrics compare the student's own rollout with the teacher's.
+
+Counts are kept per step index and summed over prompts, so any number of batches can be pooled
+before rates are taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from faircalib.errors import ConfigError
+from faircalib.models.base import DenoiserSpec
+from faircalib.sampling.config import Sampling
+from faircalib.sampling.dream import shift_logits
+from faircalib.sampling.llada import Denoise
+from faircalib.sampling.loop import decide, is_deterministic, step_logits
+from faircalib.sampling.schedule import Schedule
+from faircalib.sampling.trajectory import GenerationResult
+
+TEACHER_FORCED = ("teacher_commits", "flips", "set_misses", "student_commits", "write_errors")
+FREE_RUNNING = ("settled_pairs", "post_commit_mismatches")
+
+
+@torch.no_grad()
+def teacher_forced_counts(
+    student: Denoise, teacher: GenerationResult, sampling: Sampling, spec: DenoiserSpec, schedule: Schedule
+) -> dict[str, torch.Tensor]:
+    """Per-step counts [steps] (int64) along the teacher's recorded trajectory:
+
+    - ``teacher_commits``: positions the teacher commits at that step;
+    - ``flips``: of those, where the student's token differs from the teacher's (frontier flips);
+    - ``set_misses``: of those, positions the student would not commit at that step (commit order);
+    - ``student_commits`` / ``write_errors``: positions the student would commit, and of those the ones
+      whose token differs from the teacher's final token there (flips that change what is written).
+    """
+    if teacher.trajectory is None:
+        raise ConfigError("teacher-forced parity needs the teacher's trajectory (generate(..., record=True))")
+    if not is_deterministic(sampling):
+        raise ConfigError("teacher-forced parity needs a deterministic schedule (temperature 0, no random remasking)")
+    counts = {name: torch.zeros(len(schedule.steps), dtype=torch.long) for name in TEACHER_FORCED}
+    for index, record in enumerate(teacher.trajectory.steps):
+        x = record.tokens
+        logits = step_logits(student, x, teacher.prompt_length, sampling, spec)
+        mine = decide(logits, x, index, schedule.steps[index], teacher.prompt_length, sampling, spec)
+        theirs = record.committed
+        counts["teacher_commits"][index] = int(theirs.sum())
+        counts["flips"][index] = int((theirs & (mine.candidates != record.committed_tokens)).sum())
+        counts["set_misses"][index] = int((theirs & ~mine.committed).sum())
+        counts["student_commits"][index] = int(mine.committed.sum())
+        counts["write_errors"][index] = int((mine.committed & (mine.candidates != teacher.tokens)).sum())
+    return counts
+
+
+def post_commit_counts(rollout: GenerationResult, mask_id: int) -> dict[str, torch.Tensor]:
+    """Per-step counts over (committed generated position, later step) pairs in a rollout: how many pairs,
+    and in how many the model's top-1 at that position no longer matches what it committed."""
+    if rollout.trajectory is None:
+        raise ConfigError("post-commit mismatch needs the rollout's trajectory (generate(..., record=True))")
+    steps = rollout.trajectory.steps
+    counts = {name: torch.zeros(len(steps), dtype=torch.long) for name in FREE_RUNNING}
+    for index, record in enumerate(steps):
+        settled = record.tokens != mask_id
+        settled[:, : rollout.prompt_length] = False
+        counts["settled_pairs"][index] = int(settled.sum())
+        counts["post_commit_mismatches"][index] = int((settled & (record.top1 != record.tokens)).sum())
+    return counts
+
+
+def _rate(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
+    total = int(denominator.sum())
+    return float(numerator.sum()) / total if total else float("nan")
+
+
+def _curve(numerator: torch.Tensor, denominator: torch.Tensor) -> list[float | None]:
+    return [float(n) / int(d) if int(d) else None for n, d in zip(numerator, denominator, strict=True)]
+
+
+@dataclass
+class ParityTally:
+    """Pools counts over batches of prompts; ``summary`` turns them into the reported rates."""
+
+    forced: dict[str, torch.Tensor] = field(default_factory=dict)
+    free: dict[str, torch.Tensor] = field(default_factory=dict)
+    generated_tokens: int = 0
+    differing_tokens: int = 0
+    prompts: int = 0
+    exact_prompts: int = 0
+
+    @staticmethod
+    def _add(into: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> None:
+        for name, value in counts.items():
+            into[name] = into[name] + value if name in into else value.clone()
+
+    def add(
+        self,
+        student: Denoise,
+        teacher: GenerationResult,
+        rollout: GenerationResult,
+        sampling: Sampling,
+        spec: DenoiserSpec,
+        schedule: Schedule,
+    ) -> None:
+        """One batch: the teacher's recorded run, and the student's own recorded rollout of the same prompts."""
+        if teacher.tokens.shape != rollout.tokens.shape:
+            raise ConfigError(f"teacher {tuple(teacher.tokens.shape)} and student {tuple(rollout.tokens.shape)} differ")
+        self._add(self.forced, teacher_forced_counts(student, teacher, sampling, spec, schedule))
+        self._add(self.free, post_commit_counts(rollout, spec.mask_token_id))
+        differs = teacher.generated != rollout.generated
+        self.generated_tokens += differs.numel()
+        self.differing_tokens += int(differs.sum())
+        self.prompts += differs.shape[0]
+        self.exact_prompts += int((~differs.any(dim=1)).sum())
+
+    def summary(self) -> dict[str, object]:
+        f, r = self.forced, self.free
+        return {
+            "frontier_flip_rate": _rate(f["flips"], f["teacher_commits"]),
+            "commit_set_disagreement": _rate(f["set_misses"], f["teacher_commits"]),
+            "frontier_write_error": _rate(f["write_errors"], f["student_commits"]),
+            "post_commit_mismatch": _rate(r["post_commit_mismatches"], r["settled_pairs"]),
+            "teacher_divergence": self.differing_tokens / self.generated_tokens if self.generated_tokens else None,
+            "exact_match": self.exact_prompts / self.prompts if self.prompts else None,
+            "prompts": self.prompts,
+            "teacher_commits": int(f["teacher_commits"].sum()),
+            "curves": {
+                "frontier_flip_rate": _curve(f["flips"], f["teacher_commits"]),
+                "commit_set_disagreement": _curve(f["set_misses"], f["teacher_commits"]),
+                "post_commit_mismatch": _curve(r["post_commit_mismatches"], r["settled_pairs"]),
+            },
+        }
+
+
+@torch.no_grad()
+def masked_nll(denoise: Denoise, windows: torch.Tensor, spec: DenoiserSpec, seed: int = 0, eps: float = 1e-3) -> float:
+    """LLaDA's masked-diffusion bound on held-out windows [N, L]: per window t ~ U(eps, 1), each token
+    masked with probability t, loss = sum over masked tokens of NLL / t, averaged per token."""
+    generator = torch.Generator().manual_seed(seed)
+    total, tokens = 0.0, 0
+    for chunk in windows.split(32):
+        t = eps + (1 - eps) * torch.rand(chunk.shape[0], 1, generator=generator)
+        masked = torch.rand(chunk.shape, generator=generator) < t
+        logits = denoise(torch.where(masked, spec.mask_token_id, chunk).to(windows.device))
+        if spec.logit_shift:
+            logits = shift_logits(logits)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), chunk, reduction="none")
+        total += float((nll * masked / t).sum())
+        tokens += chunk.numel()
+    return total / tokens
