@@ -111,21 +111,33 @@ def fake_quant_weight(w: torch.Tensor, spec: WeightSpec, clip: float | torch.Ten
     return dequantize_weight(quantize_weight(w, scale, zero, spec), scale, zero).to(w.dtype)
 
 
-def fake_quant_activation(x: torch.Tensor, spec: ActSpec) -> torch.Tensor:
-    """Per-token (last dimension) dynamic quantize-dequantize of x [..., K], in x's dtype."""
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient (identity), for learning through quantization."""
+    return (torch.round(x) - x).detach() + x
+
+
+def fake_quant_activation(
+    x: torch.Tensor, spec: ActSpec, clip: torch.Tensor | None = None, ste: bool = False
+) -> torch.Tensor:
+    """Per-token (last dimension) dynamic quantize-dequantize of x [..., K], in x's dtype.
+
+    ``clip`` (a tensor) overrides ``spec.clip_ratio``; ``ste`` makes rounding differentiable.
+    """
     if not spec.enabled:
         return x
+    rnd = round_ste if ste else torch.round
+    ratio = spec.clip_ratio if clip is None else clip
     xf = x.float()
     if spec.symmetric:
         qmax = 2 ** (spec.bits - 1) - 1
-        scale = (xf.abs().amax(dim=-1, keepdim=True) * spec.clip_ratio / qmax).clamp_min(_TINY)
-        return (torch.round(xf / scale).clamp(-qmax - 1, qmax) * scale).to(x.dtype)
+        scale = (xf.abs().amax(dim=-1, keepdim=True) * ratio / qmax).clamp_min(_TINY)
+        return (rnd(xf / scale).clamp(-qmax - 1, qmax) * scale).to(x.dtype)
     qmax = 2**spec.bits - 1
-    hi = xf.amax(dim=-1, keepdim=True).clamp_min(0) * spec.clip_ratio
-    lo = xf.amin(dim=-1, keepdim=True).clamp_max(0) * spec.clip_ratio
+    hi = xf.amax(dim=-1, keepdim=True).clamp_min(0) * ratio
+    lo = xf.amin(dim=-1, keepdim=True).clamp_max(0) * ratio
     scale = ((hi - lo) / qmax).clamp_min(_TINY)
-    zero = torch.round(-lo / scale)
-    return ((torch.round(xf / scale + zero).clamp(0, qmax) - zero) * scale).to(x.dtype)
+    zero = torch.round(-lo / scale).detach()
+    return ((rnd(xf / scale + zero).clamp(0, qmax) - zero) * scale).to(x.dtype)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,149 @@
+"""QuantArtifact: a directory with ``tensors.safetensors`` (int codes, 4-bit ones packed two a byte,
+scales, zero-points, the position prior) and ``manifest.json`` (format version, config, method, model
+fingerprint, calibration data, timings). Written through a temporary directory and a rename, so an
+interrupted run never leaves half an artifact behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from faircalib.calib.config import QuantConfig
+from faircalib.calib.linear import QuantizedWeight
+from faircalib.calib.quant import pack_int4, unpack_int4
+from faircalib.errors import CheckpointError, ConfigError
+
+ARTIFACT_FORMAT = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 of config.json and every safetensors header (names, dtypes, shapes, offsets): identifies a
+    checkpoint without reading its weights, and is independent of the dtype it is loaded in."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            digest.update(path.name.encode() + handle.read(size))
+    return digest.hexdigest()
+
+
+@dataclass
+class QuantArtifact:
+    config: QuantConfig
+    weights: dict[str, QuantizedWeight]
+    act_clips: dict[str, float] = field(default_factory=dict)
+    prior: torch.Tensor | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.manifest.get("model", {}).get("fingerprint")
+
+    def check_model(self, model_dir: str | Path) -> None:
+        """Raise if this artifact was calibrated for a different checkpoint."""
+        found = model_fingerprint(model_dir)
+        if self.fingerprint is not None and found != self.fingerprint:
+            made_for = self.manifest.get("model", {}).get("path", "another model")
+            raise ConfigError(
+                f"this artifact was calibrated for {made_for} (fingerprint {self.fingerprint[:12]}), "
+                f"not for {model_dir} ({found[:12]})"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            save_file(encode_weights(self.weights, self.prior), str(staging / TENSORS))
+            manifest = {
+                **self.manifest,
+                "format_version": ARTIFACT_FORMAT,
+                "config": self.config.to_json_dict(),
+                "method": self.config.method,
+                "format": self.config.format,
+                "act_clips": self.act_clips,
+                "layers": {k: list(w.codes.shape) for k, w in self.weights.items()},
+            }
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            replace_dir(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.manifest = manifest
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantArtifact:
+        path = Path(path)
+        if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
+            raise CheckpointError(f"{path} is not a faircalib artifact (no {MANIFEST} / {TENSORS})")
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path / MANIFEST} is not valid JSON: {err}") from None
+        version = manifest.get("format_version")
+        if version != ARTIFACT_FORMAT:
+            raise CheckpointError(f"{path}: artifact format {version!r}, this faircalib reads {ARTIFACT_FORMAT}")
+        config = QuantConfig.from_json_dict(manifest["config"])
+        with safe_open(str(path / TENSORS), "pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        weights, prior = decode_weights(tensors, manifest["layers"], config)
+        return cls(config, weights, manifest.get("act_clips", {}), prior, manifest)
+
+
+def encode_weights(weights: dict[str, QuantizedWeight], prior: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for key, w in weights.items():
+        codes = w.codes.cpu()
+        tensors[f"{key}.codes"] = pack_int4(codes) if w.spec.bits == 4 else codes.contiguous()
+        tensors[f"{key}.scale"] = w.scale.float().cpu().contiguous()
+        if w.zero is not None:
+            tensors[f"{key}.zero"] = w.zero.float().cpu().contiguous()
+    if prior is not None:
+        tensors["prior"] = prior.float().cpu().contiguous()
+    return tensors
+
+
+def decode_weights(
+    tensors: dict[str, torch.Tensor], layers: dict[str, list[int]], config: QuantConfig
+) -> tuple[dict[str, QuantizedWeight], torch.Tensor | None]:
+    spec = config.weight_spec()
+    weights = {}
+    for key, shape in layers.items():
+        try:
+            codes = tensors[f"{key}.codes"]
+            scale = tensors[f"{key}.scale"]
+        except KeyError as err:
+            raise CheckpointError(f"artifact tensors are missing {err.args[0]}") from None
+        if spec.bits == 4:
+            codes = unpack_int4(codes, signed=spec.symmetric).to(spec.code_dtype)
+        if list(codes.shape) != list(shape):
+            raise CheckpointError(f"artifact layer {key} has codes {list(codes.shape)}, manifest says {shape}")
+        weights[key] = QuantizedWeight(codes, scale, tensors.get(f"{key}.zero"), spec)
+    return weights, tensors.get("prior")
+
+
+def replace_dir(staging: Path, path: Path) -> None:
+    """Move a finished directory into place; an existing one is swapped out and removed after."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(staging, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,127 @@
+"""What a calibration run does, as one frozen, JSON-serialisable config.
+
+A method name is only a preset of the orthogonal fields below (solver, rotation, smoothing, which states
+to calibrate on, how to weight them, whether to run the reconstruction step), so every ablation is a
+field away from a baseline and the manifest records exactly what ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+from faircalib.calib.quant import ActSpec, WeightSpec
+from faircalib.errors import ConfigError
+
+METHODS = ("rtn", "gptq", "gptq-text", "smoothquant", "quarot", "quarot-rtn", "fair")
+FORMATS = {"W4A4": (4, 4), "W4A8": (4, 8), "W4A16": (4, 16), "W8A8": (8, 8)}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "fair"
+    wbits: int = 4
+    abits: int = 16
+    group_size: int | None = None
+    w_symmetric: bool = True
+    a_symmetric: bool = True
+    a_clip_ratio: float = 1.0
+    head_bits: int = 16  # the LM head stays 16-bit by default
+    # --- weight solver
+    solver: Literal["rtn", "gptq"] = "gptq"
+    damp: float = 0.01
+    act_order: bool = True
+    # --- transforms
+    rotate: bool = False  # QuaRot-style randomized Hadamard on the residual stream
+    smooth_alpha: float | None = None  # SmoothQuant migration strength
+    # --- calibration data
+    states: Literal["teacher", "text"] = "teacher"
+    n_prompts: int = 32
+    states_per_prompt: int = 8
+    seed: int = 0
+    # --- FAIR-Calib weighting (Stage I)
+    weighting: Literal["uniform", "prior"] = "prior"
+    lam: float = 0.5
+    beta: float = 4.0
+    w_min: float = 1.0
+    w_max: float = 8.0
+    fragility: Literal["margin", "boundary"] = "boundary"
+    tau: float = 0.02
+    # --- reconstruction (Stage II step 3)
+    reconstruct: bool = True
+    recon_steps: int = 200
+    recon_lr: float = 5e-3
+    recon_batch: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        self.weight_spec()  # validates wbits / group_size
+        self.act_spec()
+        if self.head_bits not in (4, 8, 16):
+            raise ConfigError(f"head_bits must be 4, 8 or 16, got {self.head_bits}")
+        for name, choices in (
+            ("solver", ("rtn", "gptq")),
+            ("states", ("teacher", "text")),
+            ("weighting", ("uniform", "prior")),
+            ("fragility", ("margin", "boundary")),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
+            raise ConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if not 0 <= self.lam <= 1:
+            raise ConfigError(f"lam must be in [0, 1], got {self.lam}")
+        if self.w_min <= 0 or self.w_max < self.w_min:
+            raise ConfigError(f"need 0 < w_min <= w_max, got {self.w_min}, {self.w_max}")
+        if self.weighting == "prior" and self.states != "teacher":
+            raise ConfigError("prior weighting needs teacher states (states='teacher')")
+        for name in ("n_prompts", "states_per_prompt", "recon_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.recon_steps < 0 or self.damp < 0:
+            raise ConfigError("recon_steps and damp must be >= 0")
+
+    def weight_spec(self) -> WeightSpec:
+        return WeightSpec(self.wbits, self.group_size, self.w_symmetric)
+
+    def act_spec(self) -> ActSpec:
+        return ActSpec(self.abits, self.a_symmetric, self.a_clip_ratio)
+
+    @property
+    def format(self) -> str:
+        return f"W{self.wbits}A{self.abits}"
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown QuantConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "rtn": dict(solver="rtn", weighting="uniform", reconstruct=False),
+    "gptq": dict(solver="gptq", weighting="uniform", reconstruct=False),
+    "gptq-text": dict(solver="gptq", states="text", weighting="uniform", reconstruct=False),
+    "smoothquant": dict(solver="rtn", smooth_alpha=0.5, weighting="uniform", reconstruct=False),
+    "quarot": dict(solver="gptq", rotate=True, weighting="uniform", reconstruct=False),
+    "quarot-rtn": dict(solver="rtn", rotate=True, weighting="uniform", reconstruct=False),
+    "fair": dict(solver="gptq", weighting="prior", reconstruct=True),
+}
+
+
+def preset(method: str, **overrides: Any) -> QuantConfig:
+    """The config of a named method; ``overrides`` (e.g. from CLI flags) win. FAIR-Calib and QuaRot
+    rotate by default at 4-bit activations, where LLaMA-type blocks collapse without it."""
+    if method not in _PRESETS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    values = dict(_PRESETS[method], method=method)
+    if method == "fair" and overrides.get("abits") == 4:
+        values["rotate"] = True
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return replace(QuantConfig(), **values)

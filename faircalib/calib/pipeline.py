@@ -1,0 +1,203 @@
+"""Stage II: off-policy, block-by-block streaming calibration (DESIGN.md section 4).
+
+For each block in order: accumulate one token-weighted Hessian per linear group from the block's
+inputs on the quantized path, quantize every linear (RTN or GPTQ), optionally run the weighted
+reconstruction against the full-precision block outputs, then push the calibration states through the
+quantized block to feed the next one. One block is worked on at a time; hidden states of the
+calibration set stay on the model's device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from faircalib.calib.config import QuantConfig
+from faircalib.calib.gptq import gptq_quantize
+from faircalib.calib.hessian import accumulate_hessian
+from faircalib.calib.linear import QuantizedWeight, QuantLinear, replace_linear
+from faircalib.calib.quant import ActSpec, fake_quant_activation, quantize_weight, weight_qparams
+from faircalib.calib.recon import ReconReport, reconstruct_block, weighted_mse
+from faircalib.calib.states import CalibrationSet
+from faircalib.errors import ConfigError
+from faircalib.models.base import BlockContext, Denoiser
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockReport:
+    index: int
+    seconds: float
+    gptq_retries: int = 0
+    output_mse: float | None = None  # weighted block-output error of the final quantized block
+    recon: ReconReport | None = None
+    resumed: bool = False
+
+
+@dataclass
+class CalibrationResult:
+    weights: dict[str, QuantizedWeight]  # "blocks.{i}.{name}" -> quantized weight
+    act_clips: dict[str, float]  # activation clip ratio per quantized linear, same keys
+    blocks: list[BlockReport] = field(default_factory=list)
+
+
+def layer_key(block_index: int, name: str) -> str:
+    return f"blocks.{block_index}.{name}"
+
+
+def rtn_weight(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+    spec = cfg.weight_spec()
+    scale, zero = weight_qparams(weight.float(), spec)
+    return QuantizedWeight(quantize_weight(weight.float(), scale, zero, spec), scale, zero, spec)
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: Denoiser,
+    block: nn.Module,
+    groups: tuple[tuple[str, ...], ...],
+    inputs: Sequence[torch.Tensor],
+    contexts: Sequence[BlockContext],
+    weights: Sequence[torch.Tensor],
+    act: ActSpec,
+) -> dict[str, torch.Tensor]:
+    """Normalised weighted Hessian [K, K] (float64) per linear group, keyed by the group's first linear.
+
+    Inputs are fake-quantized first: GPTQ must see what the quantized layer will multiply.
+    """
+    sums: dict[str, tuple[torch.Tensor | None, float]] = {group[0]: (None, 0.0) for group in groups}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def collect(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = fake_quant_activation(args[0], act)
+            sums[name] = accumulate_hessian(*sums[name], x, current["weights"])
+
+        return collect
+
+    handles = [block.get_submodule(g[0]).register_forward_pre_hook(hook(g[0])) for g in groups]
+    try:
+        for x, ctx, w in zip(inputs, contexts, weights, strict=True):
+            current["weights"] = w
+            model.run_block(block, x, ctx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: h / total for name, (h, total) in sums.items()}
+
+
+def install(block: nn.Module, name: str, weight: QuantizedWeight, act: ActSpec, dtype: torch.dtype) -> QuantLinear:
+    layer = block.get_submodule(name)
+    quantized = QuantLinear(weight, layer.bias, act, dtype).to(layer.weight.device)
+    replace_linear(block, name, quantized)
+    return quantized
+
+
+def calibrate(
+    model: Denoiser,
+    calib: CalibrationSet,
+    cfg: QuantConfig,
+    *,
+    done: Mapping[str, QuantizedWeight] | None = None,
+    done_clips: Mapping[str, float] | None = None,
+    on_block: Callable[[int, dict[str, QuantizedWeight], dict[str, float], BlockReport], None] | None = None,
+) -> CalibrationResult:
+    """Quantize ``model``'s blocks in place (their linears become QuantLinear) and return the weights.
+
+    ``done`` holds weights of blocks finished by an earlier, interrupted run: those blocks are installed
+    as they were and only propagated. ``on_block`` is called after each block (for checkpointing and
+    progress).
+    """
+    if cfg.rotate or cfg.smooth_alpha is not None:
+        raise ConfigError("rotation and SmoothQuant are not implemented yet: use a method without them")
+    if cfg.head_bits != 16:
+        raise ConfigError("quantizing the LM head is not implemented yet: keep head_bits 16")
+    done, done_clips = dict(done or {}), dict(done_clips or {})
+    device, dtype = model.device, model.dtype
+    act = cfg.act_spec()
+    groups = model.linear_groups()
+    names = [name for group in groups for name in group]
+    chunks = calib.chunks
+    tokens = [c.tokens.to(device) for c in chunks]
+    weights = [c.weights.to(device=device, dtype=torch.float32) for c in chunks]
+    contexts = [model.block_context(t) for t in tokens]
+    result = CalibrationResult({}, {})
+
+    with torch.no_grad():
+        hidden_q = [model.embed(t) for t in tokens]
+    hidden_fp = [h.clone() for h in hidden_q]
+
+    for index, block in enumerate(model.blocks):
+        start = time.perf_counter()
+        report = BlockReport(index, 0.0)
+        with torch.no_grad():
+            targets = [model.run_block(block, h, c) for h, c in zip(hidden_fp, contexts, strict=True)]
+        keys = {name: layer_key(index, name) for name in names}
+
+        if all(key in done for key in keys.values()):
+            for name, key in keys.items():
+                install(block, name, done[key], act_with_clip(act, done_clips.get(key)), dtype)
+            report.resumed = True
+        else:
+            hessians = (
+                collect_hessians(model, block, groups, hidden_q, contexts, weights, act) if cfg.solver == "gptq" else {}
+            )
+            for group in groups:
+                for name in group:
+                    w = block.get_submodule(name).weight.detach()
+                    if cfg.solver == "gptq":
+                        solved = gptq_quantize(
+                            w, hessians[group[0]], cfg.weight_spec(), damp=cfg.damp, act_order=cfg.act_order
+                        )
+                        report.gptq_retries += solved.retries
+                        quantized = QuantizedWeight(solved.codes, solved.scale, solved.zero, cfg.weight_spec())
+                    else:
+                        quantized = rtn_weight(w, cfg)
+                    install(block, name, quantized, act, dtype)
+            if cfg.reconstruct and cfg.recon_steps > 0:
+                with torch.enable_grad():
+                    report.recon = reconstruct_block(
+                        block, lambda b, x, c: model.run_block(b, x, contexts[c]), names, hidden_q, targets, weights,
+                        steps=cfg.recon_steps, lr=cfg.recon_lr, batch=cfg.recon_batch, seed=cfg.seed + index,
+                    )  # fmt: skip
+
+        with torch.no_grad():
+            hidden_q = [model.run_block(block, h, c) for h, c in zip(hidden_q, contexts, strict=True)]
+            mse = sum(
+                float(weighted_mse(q, t, w) * w.sum()) for q, t, w in zip(hidden_q, targets, weights, strict=True)
+            )
+            report.output_mse = mse / sum(float(w.sum()) for w in weights)
+        hidden_fp = targets
+        block_weights = {keys[n]: block.get_submodule(n).quantized for n in names}
+        block_clips = {keys[n]: block.get_submodule(n).act.clip_ratio for n in names}
+        result.weights.update(block_weights)
+        result.act_clips.update(block_clips)
+        report.seconds = time.perf_counter() - start
+        result.blocks.append(report)
+        if on_block is not None:
+            on_block(index, block_weights, block_clips, report)
+    return result
+
+
+def act_with_clip(act: ActSpec, clip: float | None) -> ActSpec:
+    return act if clip is None or not act.enabled else ActSpec(act.bits, act.symmetric, clip)
+
+
+def apply_quantization(
+    model: Denoiser, weights: Mapping[str, QuantizedWeight], act: ActSpec, clips: Mapping[str, float]
+) -> Denoiser:
+    """Turn a full-precision model into the fake-quant student of an artifact (in place)."""
+    for index, block in enumerate(model.blocks):
+        for group in model.linear_groups():
+            for name in group:
+                key = layer_key(index, name)
+                if key not in weights:
+                    raise ConfigError(f"the artifact has no weights for {key}")
+                install(block, name, weights[key], act_with_clip(act, clips.get(key)), model.dtype)
+    return model

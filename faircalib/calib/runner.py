@@ -1,0 +1,180 @@
+"""`faircalib calibrate` end to end: Stage I probe -> calibration states -> Stage II -> QuantArtifact.
+
+Progress survives interruption: the calibration states and every finished block are checkpointed in
+``OUT.partial/`` and a rerun with the same model, config, schedule and prompts resumes from the last
+finished block. The artifact itself appears only when everything is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from faircalib import __version__
+from faircalib.calib.artifact import QuantArtifact, decode_weights, encode_weights, model_fingerprint
+from faircalib.calib.config import QuantConfig
+from faircalib.calib.pipeline import BlockReport, calibrate
+from faircalib.calib.probe import ProbeStats
+from faircalib.calib.states import CalibrationSet, StateChunk, probe_teacher, teacher_states, text_states
+from faircalib.errors import ConfigError
+from faircalib.models import load_denoiser
+from faircalib.models.checkpoint import write_json_atomic
+from faircalib.sampling import Sampling
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def save_calibration_set(calib: CalibrationSet, path: Path) -> None:
+    tensors = {}
+    for i, chunk in enumerate(calib.chunks):
+        tensors[f"chunk{i}.tokens"] = chunk.tokens.cpu().contiguous()
+        tensors[f"chunk{i}.weights"] = chunk.weights.cpu().contiguous()
+    if calib.prior is not None:
+        tensors["prior"] = calib.prior.cpu().contiguous()
+        tensors["frontier_hits"] = calib.stats.frontier_hits.cpu().contiguous()
+        tensors["reliability"] = calib.stats.reliability.cpu().contiguous()
+    meta = {"description": json.dumps(calib.description), "chunks": str(len(calib.chunks))}
+    if calib.stats is not None:
+        meta["trajectories"] = str(calib.stats.trajectories)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_calibration_set(path: Path) -> CalibrationSet:
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    chunks = tuple(
+        StateChunk(tensors[f"chunk{i}.tokens"], tensors[f"chunk{i}.weights"]) for i in range(int(meta["chunks"]))
+    )
+    stats = None
+    if "prior" in tensors:
+        stats = ProbeStats(tensors["frontier_hits"], tensors["reliability"], int(meta["trajectories"]))
+    return CalibrationSet(chunks, tensors.get("prior"), stats, json.loads(meta["description"]))
+
+
+def run_calibration(
+    model_dir: str | Path,
+    cfg: QuantConfig,
+    sampling: Sampling,
+    prompts: Sequence[Sequence[int]],
+    out: str | Path,
+    *,
+    text_windows: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    data_description: dict | None = None,
+    quiet: bool = False,
+) -> QuantArtifact:
+    model_dir, out = Path(model_dir), Path(out)
+    if cfg.states == "text" and text_windows is None:
+        raise ConfigError(f"method {cfg.method} calibrates on plain text: no text windows were given")
+    if not prompts:
+        raise ConfigError("no calibration prompts")
+    fingerprint = model_fingerprint(model_dir)
+    model = load_denoiser(model_dir, dtype, device)
+    identity = {
+        "fingerprint": fingerprint,
+        "config": cfg.to_json_dict(),
+        "sampling": sampling.to_json_dict(),
+        "prompts": _digest([list(p) for p in prompts]),
+        "text": _digest(text_windows.tolist()) if text_windows is not None else None,
+    }
+    partial = out.with_name(out.name + ".partial")
+    progress_path = partial / "progress.json"
+    timings: dict[str, float] = {}
+    done, done_clips, reports = {}, {}, []
+
+    if partial.exists():
+        progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+        if progress.get("identity") != identity:
+            raise ConfigError(
+                f"{partial} holds an interrupted run with a different model, config or data: "
+                "delete it to start over, or rerun with the same arguments to resume"
+            )
+        calib = load_calibration_set(partial / "states.safetensors")
+        timings = progress.get("timings", {})
+        for block in sorted(partial.glob("block_*.safetensors")):
+            with safe_open(str(block), "pt") as handle:
+                meta = handle.metadata()
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            weights, _ = decode_weights(tensors, json.loads(meta["layers"]), cfg)
+            done.update(weights)
+            done_clips.update(json.loads(meta["clips"]))
+        reports = progress.get("blocks", [])
+        if not quiet:
+            print(f"resuming {out}: {len(reports)} block(s) already calibrated", file=sys.stderr)
+    else:
+        partial.mkdir(parents=True)
+        start = time.perf_counter()
+        if cfg.states == "text":
+            calib = text_states(text_windows)
+        else:
+            with tqdm(total=len(prompts), desc="stage I: teacher probe", unit="prompt", disable=quiet) as bar:
+                runs = probe_teacher(model, prompts, sampling, on_batch=bar.update)
+            calib = teacher_states(runs, cfg, sampling, model.spec.mask_token_id)
+        timings["stage1_seconds"] = time.perf_counter() - start
+        save_calibration_set(calib, partial / "states.safetensors")
+        write_json_atomic(progress_path, {"identity": identity, "timings": timings, "blocks": []})
+
+    bar = tqdm(total=len(model.blocks), initial=len(reports), desc="stage II: blocks", unit="block", disable=quiet)
+
+    def checkpoint(index: int, weights, clips, report: BlockReport) -> None:
+        if not report.resumed:
+            layers = {k: list(w.codes.shape) for k, w in weights.items()}
+            meta = {"layers": json.dumps(layers), "clips": json.dumps(clips)}
+            save_file(encode_weights(weights, None), str(partial / f"block_{index:04d}.safetensors"), metadata=meta)
+            reports.append(block_report_dict(report))
+            write_json_atomic(progress_path, {"identity": identity, "timings": timings, "blocks": reports})
+            bar.update(1)
+
+    start = time.perf_counter()
+    try:
+        result = calibrate(model, calib, cfg, done=done, done_clips=done_clips, on_block=checkpoint)
+    finally:
+        bar.close()
+    timings["stage2_seconds"] = time.perf_counter() - start + timings.get("stage2_seconds", 0.0)
+    artifact = QuantArtifact(
+        config=cfg,
+        weights=result.weights,
+        act_clips=result.act_clips,
+        prior=calib.prior,
+        manifest={
+            "faircalib_version": __version__,
+            "model": {"path": str(model_dir), "fingerprint": fingerprint, "family": model.spec.family},
+            "sampling": sampling.to_json_dict(),
+            "calibration_data": {**calib.description, **(data_description or {})},
+            "timings": timings,
+            "peak_memory_mb": peak_memory_mb(model.device),
+            "blocks": reports,
+        },
+    )
+    artifact.save(out)
+    shutil.rmtree(partial, ignore_errors=True)
+    return artifact
+
+
+def block_report_dict(report: BlockReport) -> dict:
+    out = {"index": report.index, "seconds": round(report.seconds, 3), "gptq_retries": report.gptq_retries}
+    out["output_mse"] = report.output_mse
+    if report.recon is not None:
+        out["recon"] = {"before": report.recon.loss_before, "after": report.recon.loss_after, "kept": report.recon.kept}
+    return out

@@ -1,0 +1,139 @@
+"""End-to-end calibration on a tiny LLaDA: artifact round trip, atomic writes, resume, mismatches."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import faircalib.calib.pipeline as pipeline
+from faircalib.calib.artifact import QuantArtifact, model_fingerprint
+from faircalib.calib.config import preset
+from faircalib.calib.pipeline import apply_quantization
+from faircalib.calib.runner import run_calibration
+from faircalib.errors import CheckpointError, ConfigError
+from faircalib.models import load_denoiser
+from faircalib.models.tiny import write_tiny_checkpoint
+from faircalib.sampling import LLaDASampling
+
+SAMPLING = LLaDASampling(gen_length=8, block_length=4, steps=8)
+PROMPTS = torch.randint(3, 90, (6, 5), generator=torch.Generator().manual_seed(0)).tolist()
+IDS = torch.tensor([[5, 9, 17, 3, 8, 95, 95, 95, 95, 11]])
+
+
+def small(method, **kw):
+    return preset(method, n_prompts=6, states_per_prompt=3, recon_steps=5, recon_batch=4, **kw)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [small("fair"), small("gptq", abits=8, group_size=16), small("rtn", wbits=8, w_symmetric=False)],
+    ids=["fair-w4a16", "gptq-w4a8-g16", "rtn-w8-asym"],
+)
+def test_artifact_round_trip_reproduces_the_student(tmp_path, tiny_dirs, cfg):
+    art = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
+    loaded = QuantArtifact.load(tmp_path / "art")
+    assert loaded.config == cfg and loaded.manifest["model"]["fingerprint"] == model_fingerprint(tiny_dirs["llada"])
+    assert set(loaded.weights) == set(art.weights)
+    for key, w in art.weights.items():
+        assert torch.equal(loaded.weights[key].codes, w.codes.cpu())
+        assert torch.equal(loaded.weights[key].scale, w.scale.cpu())
+    student = apply_quantization(load_denoiser(tiny_dirs["llada"]), loaded.weights, cfg.act_spec(), loaded.act_clips)
+    again = apply_quantization(load_denoiser(tiny_dirs["llada"]), art.weights, cfg.act_spec(), art.act_clips)
+    assert torch.equal(student(IDS), again(IDS))
+    assert not torch.equal(student(IDS), load_denoiser(tiny_dirs["llada"])(IDS))  # it really is quantized
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["format"] == cfg.format and manifest["timings"]["stage2_seconds"] > 0
+    assert len(manifest["blocks"]) == 2 and not (tmp_path / "art.partial").exists()
+    if cfg.weighting == "prior":
+        assert loaded.prior is not None and loaded.prior.shape == (8,)
+
+
+def test_four_bit_codes_are_stored_packed(tmp_path, tiny_dirs):
+    run_calibration(tiny_dirs["llada"], small("rtn"), SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "art" / "tensors.safetensors"), "pt") as handle:
+        codes = handle.get_tensor("blocks.0.q_proj.codes")
+    assert codes.dtype == torch.uint8 and codes.shape == (64, 32)
+
+
+def test_artifact_for_another_model_is_rejected(tmp_path, tiny_dirs):
+    run_calibration(tiny_dirs["llada"], small("rtn"), SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
+    other = write_tiny_checkpoint("llada", tmp_path / "other", seed=9)
+    (other / "config.json").write_text(
+        (other / "config.json").read_text().replace('"rope_theta": 10000.0', '"rope_theta": 20000.0')
+    )
+    with pytest.raises(ConfigError, match="calibrated for"):
+        QuantArtifact.load(tmp_path / "art").check_model(other)
+    QuantArtifact.load(tmp_path / "art").check_model(tiny_dirs["llada"])  # its own model is fine
+
+
+def test_failed_save_leaves_no_artifact(tmp_path, tiny_dirs, monkeypatch):
+    import faircalib.calib.artifact as artifact_module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact_module, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run_calibration(tiny_dirs["llada"], small("rtn"), SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
+    assert not (tmp_path / "art").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["art.partial"]  # progress survives for a resume
+
+
+def test_interrupted_run_resumes_from_the_last_finished_block(tmp_path, tiny_dirs, monkeypatch):
+    cfg = small("fair")
+    whole = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "whole", quiet=True)
+
+    real = pipeline.gptq_quantize
+    calls = {"n": 0}
+
+    def dies_in_block_1(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > len([n for g in load_denoiser(tiny_dirs["llada"]).linear_groups() for n in g]):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "gptq_quantize", dies_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
+    assert not (tmp_path / "art").exists()
+    assert len(list((tmp_path / "art.partial").glob("block_*.safetensors"))) == 1
+
+    monkeypatch.setattr(pipeline, "gptq_quantize", real)
+    resumed = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
+    for key, w in whole.weights.items():
+        assert torch.equal(resumed.weights[key].codes, w.codes), key
+    assert len(resumed.manifest["blocks"]) == 2
+
+
+def test_resume_with_different_arguments_is_refused(tmp_path, tiny_dirs):
+    (tmp_path / "art.partial").mkdir()
+    (tmp_path / "art.partial" / "progress.json").write_text(json.dumps({"identity": {"config": "other"}}))
+    with pytest.raises(ConfigError, match="interrupted run with a different"):
+        run_calibration(tiny_dirs["llada"], small("rtn"), SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
+
+
+def test_text_method_needs_text(tmp_path, tiny_dirs):
+    with pytest.raises(ConfigError, match="calibrates on plain text"):
+        run_calibration(tiny_dirs["llada"], small("gptq-text"), SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a faircalib artifact"):
+        QuantArtifact.load(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["dream", "bert"])
+def test_other_families_calibrate(tmp_path, tiny_dirs, family):
+    from faircalib.sampling import DreamSampling
+
+    sampling = DreamSampling(gen_length=8, steps=4, alg="maskgit_plus") if family == "dream" else SAMPLING
+    prompts = torch.randint(5, 25, (4, 5), generator=torch.Generator().manual_seed(0)).tolist()
+    art = run_calibration(tiny_dirs[family], small("fair"), sampling, prompts, tmp_path / "art", quiet=True)
+    model = load_denoiser(tiny_dirs[family])
+    teacher = copy.deepcopy(model)
+    apply_quantization(model, art.weights, art.config.act_spec(), art.act_clips)
+    ids = torch.tensor([prompts[0] + [model.spec.mask_token_id] * 4])
+    assert model(ids).shape == teacher(ids).shape
