@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from faircalib.errors import ConfigError, FaircalibError
+from faircalib.models.tokenizer import encode_prompt
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +48,9 @@ _LLADA_ONLY = ("block_length", "remasking", "cfg_scale", "logits_eos_inf", "conf
 _DREAM_ONLY = ("alg", "alg_temp", "top_p", "top_k", "eps")
 
 
-def sampling_from_args(args: argparse.Namespace, spec):
-    """Build the family's sampling config from the flags that were given; reject flags it does not have."""
+def sampling_from_args(args: argparse.Namespace, spec, base=None):
+    """The family's sampling config (``base``, else the reference defaults) updated by the flags that were
+    given; flags of the other family's sampler are rejected."""
     from faircalib.sampling import default_sampling
 
     foreign = _LLADA_ONLY if spec.sampler == "dream" else _DREAM_ONLY
@@ -64,6 +67,8 @@ def sampling_from_args(args: argparse.Namespace, spec):
         overrides["block_length"] = overrides["gen_length"]
     if "gen_length" in overrides and "steps" not in overrides:
         overrides["steps"] = overrides["gen_length"]
+    if base is not None:
+        return dataclasses.replace(base, **overrides)
     return default_sampling(spec, **overrides)
 
 
@@ -76,7 +81,7 @@ def _load_model(args: argparse.Namespace):
     return path, model, load_tokenizer(path)
 
 
-def encode_prompt(args: argparse.Namespace, tokenizer) -> list[int]:
+def prompt_from_args(args: argparse.Namespace, tokenizer) -> list[int]:
     if args.prompt_ids is not None:
         try:
             return [int(tok) for tok in args.prompt_ids.split(",") if tok.strip()]
@@ -84,12 +89,7 @@ def encode_prompt(args: argparse.Namespace, tokenizer) -> list[int]:
             raise ConfigError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
     if tokenizer is None:
         raise ConfigError("this model has no tokenizer files: pass --prompt-ids instead of --prompt")
-    ids = list(tokenizer(args.prompt)["input_ids"])
-    # A tokenizer that closes every text with [SEP]/EOS would tell the denoiser the text is over.
-    end_markers = {tokenizer.sep_token_id, tokenizer.eos_token_id} - {None}
-    while ids and ids[-1] in end_markers:
-        ids.pop()
-    return ids
+    return encode_prompt(tokenizer, args.prompt)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -99,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     path, model, tokenizer = _load_model(args)
     sampling = sampling_from_args(args, model.spec)
-    prompt_ids = encode_prompt(args, tokenizer)
+    prompt_ids = prompt_from_args(args, tokenizer)
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=args.device)
     schedule = plan(sampling, len(prompt_ids))
     with tqdm(total=len(schedule.steps), desc="denoising", unit="step", disable=args.quiet, file=sys.stderr) as bar:
@@ -129,6 +129,114 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = ()) -> None:
+    """One ``--field-name`` flag per dataclass field (default None: the preset or class default applies)."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        is_union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        base = next(a for a in typing.get_args(kind) if a is not type(None)) if is_union else kind
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(base) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(base), default=None)
+        else:
+            parser.add_argument(flag, type=base, default=None, metavar=base.__name__.upper())
+
+
+def read_prompt_file(path: Path, tokenizer, limit: int | None) -> list[list[int]]:
+    """One prompt per non-empty line."""
+    if not path.is_file():
+        raise ConfigError(f"prompts file not found: {path}")
+    if tokenizer is None:
+        raise ConfigError("this model has no tokenizer files: a prompts file needs one")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"{path} holds no prompts")
+    return [encode_prompt(tokenizer, line) for line in lines[:limit]]
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from faircalib.calib.config import QuantConfig, preset
+    from faircalib.calib.runner import run_calibration
+    from faircalib.models import parse_dtype
+    from faircalib.zoo import wiki
+
+    path, model, tokenizer = _load_model(args)
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig) if f.name != "method"}
+    cfg = preset(args.method, **fields)
+    sampling = sampling_from_args(args, model.spec)
+    del model  # the runner loads its own copy; keep one in memory
+    windows, source = None, {}
+    if args.calib_prompts is not None:
+        prompts = read_prompt_file(args.calib_prompts, tokenizer, cfg.n_prompts)
+        source = {"source": str(args.calib_prompts)}
+        if cfg.states == "text":
+            length = args.prompt_tokens + sampling.gen_length
+            long_enough = [p[:length] for p in prompts if len(p) >= length]
+            if not long_enough:
+                raise ConfigError(f"no line of {args.calib_prompts} has {length} tokens for text calibration")
+            windows = torch.tensor(long_enough, dtype=torch.long)
+    else:
+        if tokenizer is None:
+            raise ConfigError("this model has no tokenizer: pass --calib-prompts with prompts it can read")
+        prompts = wiki.prompt_ids(tokenizer, "calib", cfg.n_prompts, args.prompt_tokens)
+        source = {"source": "wikipedia leads, calib split", "prompt_tokens": args.prompt_tokens}
+        if cfg.states == "text":
+            windows = wiki.text_windows(tokenizer, "calib", cfg.n_prompts, args.prompt_tokens + sampling.gen_length)
+    artifact = run_calibration(
+        path, cfg, sampling, prompts, args.out, text_windows=windows, dtype=parse_dtype(args.dtype),
+        device=args.device, data_description=source, quiet=args.quiet,
+    )  # fmt: skip
+    timings = artifact.manifest["timings"]
+    print(
+        f"wrote {args.out} ({cfg.method}, {cfg.format}); stage I {timings.get('stage1_seconds', 0):.1f}s, "
+        f"stage II {timings['stage2_seconds']:.1f}s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from faircalib.calib.artifact import QuantArtifact
+    from faircalib.calib.evaluate import fake_quant_student, parity_report
+    from faircalib.sampling import sampling_from_json_dict
+    from faircalib.zoo import wiki
+
+    path, teacher, tokenizer = _load_model(args)
+    artifact = QuantArtifact.load(args.artifact)
+    artifact.check_model(path)
+    recorded = artifact.manifest.get("sampling")
+    sampling = sampling_from_args(args, teacher.spec, sampling_from_json_dict(recorded) if recorded else None)
+    nll_windows = None
+    if args.prompts is not None:
+        prompts = read_prompt_file(args.prompts, tokenizer, args.n_prompts)
+    elif tokenizer is not None:
+        prompts = wiki.prompt_ids(tokenizer, "eval", args.n_prompts, args.prompt_tokens)
+        nll_windows = wiki.text_windows(tokenizer, "eval", args.n_prompts, args.prompt_tokens + sampling.gen_length)
+    else:
+        raise ConfigError("this model has no tokenizer: pass --prompts with prompts it can read")
+    student = fake_quant_student(teacher, artifact)
+    report = parity_report(
+        teacher, student, prompts, sampling, nll_windows=nll_windows, batch_size=args.batch_size, quiet=args.quiet
+    )
+    report.update(method=artifact.config.method, format=artifact.config.format, artifact=str(args.artifact))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for name in ("frontier_flip_rate", "commit_set_disagreement", "frontier_write_error", "post_commit_mismatch",
+                     "teacher_divergence", "exact_match", "masked_nll_fp", "masked_nll_q"):  # fmt: skip
+            value = report.get(name)
+            print(f"{name:26s} {value:.4f}" if isinstance(value, float) else f"{name:26s} {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faircalib", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -143,6 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(run=cmd_generate)
+
+    from faircalib.calib.config import METHODS, QuantConfig
+
+    cal = verbs.add_parser("calibrate", help="calibrate a quantized student (FAIR-Calib or a baseline)")
+    _add_model_args(cal)
+    cal.add_argument("--method", choices=METHODS, default="fair")
+    cal.add_argument("--calib-prompts", type=Path, help="one prompt per line (default: Wikipedia calib split)")
+    cal.add_argument("--prompt-tokens", type=int, default=16, help="prompt length taken from the default data")
+    cal.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    cal.add_argument("--quiet", action="store_true")
+    add_dataclass_args(cal.add_argument_group("quantization (defaults: the method's preset)"), QuantConfig, ("method",))
+    _add_sampling_args(cal)
+    cal.set_defaults(run=cmd_calibrate)
+
+    par = verbs.add_parser("parity", help="decision parity of a calibrated student against the FP teacher")
+    _add_model_args(par)
+    par.add_argument("--artifact", type=Path, required=True)
+    par.add_argument("--prompts", type=Path, help="one prompt per line (default: Wikipedia eval split)")
+    par.add_argument("--n-prompts", type=int, default=64)
+    par.add_argument("--prompt-tokens", type=int, default=16)
+    par.add_argument("--batch-size", type=int, default=16)
+    par.add_argument("--json", action="store_true")
+    par.add_argument("--quiet", action="store_true")
+    _add_sampling_args(par)
+    par.set_defaults(run=cmd_parity)
     return parser
 
 

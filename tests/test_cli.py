@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from faircalib.cli import main
+from faircalib.models.tiny import write_tiny_checkpoint
 
 
 def run_cli(capsys, *argv):
@@ -77,3 +78,64 @@ def test_missing_model_dir_from_a_real_process(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "model directory not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def bert_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("A B C D\nQ R S\n\nE F G H I\nK L M N\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_artifact(tiny_dirs, bert_prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "fair"
+    code = main([
+        "calibrate", "--model", str(tiny_dirs["bert"]), "--method", "fair", "--calib-prompts", str(bert_prompts),
+        "--recon-steps", "3", "--states-per-prompt", "2", "--gen-length", "6", "--steps", "6", "--out", str(out),
+        "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_calibrate_writes_an_artifact_from_flags(bert_artifact):
+    manifest = json.loads((bert_artifact / "manifest.json").read_text())
+    assert manifest["method"] == "fair" and manifest["config"]["recon_steps"] == 3
+    assert manifest["sampling"]["gen_length"] == 6
+    assert manifest["calibration_data"]["prompts"] == 4  # the empty line is skipped
+
+
+def test_parity_json_reports_every_metric(capsys, tiny_dirs, bert_artifact, bert_prompts):
+    code, out, _ = run_cli(
+        capsys, "parity", "--model", str(tiny_dirs["bert"]), "--artifact", str(bert_artifact),
+        "--prompts", str(bert_prompts), "--json", "--quiet",
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out)
+    for name in ("frontier_flip_rate", "commit_set_disagreement", "frontier_write_error", "post_commit_mismatch",
+                 "teacher_divergence", "exact_match"):  # fmt: skip
+        assert 0.0 <= report[name] <= 1.0
+    assert report["sampling"]["gen_length"] == 6  # the artifact's deployment schedule by default
+    assert len(report["curves"]["frontier_flip_rate"]) == 6
+
+
+def test_parity_against_the_wrong_model_fails_cleanly(capsys, tiny_dirs, bert_artifact, bert_prompts, tmp_path):
+    other = write_tiny_checkpoint("bert", tmp_path / "other", seed=5)
+    code, _, err = run_cli(
+        capsys, "parity", "--model", str(other), "--artifact", str(bert_artifact), "--prompts", str(bert_prompts),
+    )  # fmt: skip
+    assert code == 2 and "calibrated for" in err
+
+
+def test_calibrate_without_tokenizer_or_prompts_fails_cleanly(capsys, tiny_dirs, tmp_path):
+    code, _, err = run_cli(capsys, "calibrate", "--model", str(tiny_dirs["llada"]), "--out", str(tmp_path / "a"))
+    assert code == 2 and "pass --calib-prompts" in err
+
+
+def test_calibrate_rejects_bad_config(capsys, tiny_dirs, bert_prompts, tmp_path):
+    code, _, err = run_cli(
+        capsys, "calibrate", "--model", str(tiny_dirs["bert"]), "--calib-prompts", str(bert_prompts),
+        "--wbits", "5", "--out", str(tmp_path / "a"),
+    )  # fmt: skip
+    assert code == 2 and "weight bits must be" in err

@@ -38,3 +38,13 @@ def load_tokenizer(model_dir: Path) -> Any | None:
     if vocab is not None:
         return BertTokenizer(vocab=str(vocab), do_lower_case=False)
     return None
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt, with the tokenizer's own specials at the front (e.g. [CLS], BOS) but none
+    that would tell the denoiser the text is already over ([SEP] / EOS at the end)."""
+    ids = list(tokenizer(text)["input_ids"])
+    end_markers = {tokenizer.sep_token_id, tokenizer.eos_token_id} - {None}
+    while ids and ids[-1] in end_markers:
+        ids.pop()
+    return ids

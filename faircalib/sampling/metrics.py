@@ -153,3 +153,37 @@ def masked_nll(denoise: Denoise, windows: torch.Tensor, spec: DenoiserSpec, seed
         total += float((nll * masked / t).sum())
         tokens += chunk.numel()
     return total / tokens
+
+
+def evaluate_parity(
+    teacher: Denoise,
+    student: Denoise,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    spec: DenoiserSpec,
+    *,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    on_batch=None,
+) -> ParityTally:
+    """Teacher run (recorded) and student rollout (recorded) for every prompt, pooled into one tally.
+
+    Prompts are batched by length; each batch shares one schedule.
+    """
+    from faircalib.sampling.loop import generate
+    from faircalib.sampling.schedule import plan
+
+    by_length: dict[int, list[list[int]]] = {}
+    for prompt in prompts:
+        by_length.setdefault(len(prompt), []).append(list(prompt))
+    tally = ParityTally()
+    for length, group in sorted(by_length.items()):
+        schedule = plan(sampling, length)
+        for start in range(0, len(group), batch_size):
+            batch = torch.tensor(group[start : start + batch_size], dtype=torch.long, device=device)
+            reference = generate(teacher, batch, sampling, spec, schedule=schedule, record=True)
+            rollout = generate(student, batch, sampling, spec, schedule=schedule, record=True)
+            tally.add(student, reference, rollout, sampling, spec, schedule)
+            if on_batch is not None:
+                on_batch(batch.shape[0])
+    return tally

