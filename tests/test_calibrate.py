@@ -27,8 +27,14 @@ def small(method, **kw):
 
 @pytest.mark.parametrize(
     "cfg",
-    [small("fair"), small("gptq", abits=8, group_size=16), small("rtn", wbits=8, w_symmetric=False)],
-    ids=["fair-w4a16", "gptq-w4a8-g16", "rtn-w8-asym"],
+    [
+        small("fair"),
+        small("gptq", abits=8, group_size=16),
+        small("rtn", wbits=8, w_symmetric=False),
+        small("quarot", abits=4),
+        small("fair", abits=4),
+    ],
+    ids=["fair-w4a16", "gptq-w4a8-g16", "rtn-w8-asym", "quarot-w4a4", "fair-w4a4-rotated"],
 )
 def test_artifact_round_trip_reproduces_the_student(tmp_path, tiny_dirs, cfg):
     art = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
@@ -38,8 +44,8 @@ def test_artifact_round_trip_reproduces_the_student(tmp_path, tiny_dirs, cfg):
     for key, w in art.weights.items():
         assert torch.equal(loaded.weights[key].codes, w.codes.cpu())
         assert torch.equal(loaded.weights[key].scale, w.scale.cpu())
-    student = apply_quantization(load_denoiser(tiny_dirs["llada"]), loaded.weights, cfg.act_spec(), loaded.act_clips)
-    again = apply_quantization(load_denoiser(tiny_dirs["llada"]), art.weights, cfg.act_spec(), art.act_clips)
+    student = apply_quantization(load_denoiser(tiny_dirs["llada"]), loaded.weights, cfg, loaded.act_clips)
+    again = apply_quantization(load_denoiser(tiny_dirs["llada"]), art.weights, cfg, art.act_clips)
     assert torch.equal(student(IDS), again(IDS))
     assert not torch.equal(student(IDS), load_denoiser(tiny_dirs["llada"])(IDS))  # it really is quantized
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
@@ -134,6 +140,6 @@ def test_other_families_calibrate(tmp_path, tiny_dirs, family):
     art = run_calibration(tiny_dirs[family], small("fair"), sampling, prompts, tmp_path / "art", quiet=True)
     model = load_denoiser(tiny_dirs[family])
     teacher = copy.deepcopy(model)
-    apply_quantization(model, art.weights, art.config.act_spec(), art.act_clips)
+    apply_quantization(model, art.weights, art.config, art.act_clips)
     ids = torch.tensor([prompts[0] + [model.spec.mask_token_id] * 4])
     assert model(ids).shape == teacher(ids).shape

@@ -18,7 +18,7 @@ from faircalib.sampling.metrics import evaluate_parity, masked_nll
 
 def fake_quant_student(teacher: Denoiser, artifact: QuantArtifact) -> Denoiser:
     """A copy of ``teacher`` running the artifact's weights and activation quantization."""
-    return apply_quantization(copy.deepcopy(teacher), artifact.weights, artifact.config.act_spec(), artifact.act_clips)
+    return apply_quantization(copy.deepcopy(teacher), artifact.weights, artifact.config, artifact.act_clips)
 
 
 @torch.no_grad()

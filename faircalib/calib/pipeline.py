@@ -23,6 +23,7 @@ from faircalib.calib.hessian import accumulate_hessian
 from faircalib.calib.linear import QuantizedWeight, QuantLinear, replace_linear
 from faircalib.calib.quant import ActSpec, fake_quant_activation, quantize_weight, weight_qparams
 from faircalib.calib.recon import ReconReport, reconstruct_block, weighted_mse
+from faircalib.calib.rotation import rotate_model
 from faircalib.calib.states import CalibrationSet
 from faircalib.errors import ConfigError
 from faircalib.models.base import BlockContext, Denoiser
@@ -114,11 +115,13 @@ def calibrate(
     as they were and only propagated. ``on_block`` is called after each block (for checkpointing and
     progress).
     """
-    if cfg.rotate or cfg.smooth_alpha is not None:
-        raise ConfigError("rotation and SmoothQuant are not implemented yet: use a method without them")
+    if cfg.smooth_alpha is not None:
+        raise ConfigError("SmoothQuant is not implemented yet: use a method without smooth_alpha")
     if cfg.head_bits != 16:
         raise ConfigError("quantizing the LM head is not implemented yet: keep head_bits 16")
     done, done_clips = dict(done or {}), dict(done_clips or {})
+    if cfg.rotate:
+        rotate_model(model, cfg.seed)
     device, dtype = model.device, model.dtype
     act = cfg.act_spec()
     groups = model.linear_groups()
@@ -190,9 +193,13 @@ def act_with_clip(act: ActSpec, clip: float | None) -> ActSpec:
 
 
 def apply_quantization(
-    model: Denoiser, weights: Mapping[str, QuantizedWeight], act: ActSpec, clips: Mapping[str, float]
+    model: Denoiser, weights: Mapping[str, QuantizedWeight], cfg: QuantConfig, clips: Mapping[str, float]
 ) -> Denoiser:
-    """Turn a full-precision model into the fake-quant student of an artifact (in place)."""
+    """Turn a full-precision model into the fake-quant student of an artifact (in place): rotated as it was
+    at calibration, then every linear replaced by its quantized version."""
+    if cfg.rotate:
+        rotate_model(model, cfg.seed)
+    act = cfg.act_spec()
     for index, block in enumerate(model.blocks):
         for group in model.linear_groups():
             for name in group:

@@ -45,6 +45,21 @@ class BlockContext:
     attention_bias: torch.Tensor | None = None  # broadcastable to [B, heads, L, L]
 
 
+@dataclass(frozen=True)
+class RotationLayout:
+    """Where a pre-norm (RMSNorm) model reads and writes its residual stream, so an orthogonal rotation
+    can be folded into the weights (QuaRot). Names are relative to the model, or to a block for the
+    per-block fields."""
+
+    embedding: str
+    final_norm: str
+    head: str
+    norm_readers: tuple[tuple[str, tuple[str, ...]], ...]  # (norm, the linears reading its output)
+    writers: tuple[str, ...]  # linears whose output is added to the residual
+    ffn_down: str
+    ffn_down_input: str  # the module applied to the down projection's input (Identity until rotated)
+
+
 class Denoiser(nn.Module, ABC):
     """A bidirectional transformer that maps token ids [B, L] to logits [B, L, V]."""
 
@@ -94,6 +109,10 @@ class Denoiser(nn.Module, ABC):
 
         Calibration accumulates one Hessian per group, e.g. (q, k, v) share the normed residual.
         """
+
+    def rotation_layout(self) -> RotationLayout | None:
+        """None for families whose blocks an orthogonal rotation does not commute with (post-LN)."""
+        return None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(input_ids)

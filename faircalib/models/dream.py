@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from faircalib.errors import CheckpointError
-from faircalib.models.base import BlockContext, DenoiserSpec, NativeDenoiser
+from faircalib.models.base import BlockContext, DenoiserSpec, NativeDenoiser, RotationLayout
 from faircalib.models.checkpoint import config_field
 from faircalib.models.layers import (
     RMSNorm,
@@ -109,9 +109,10 @@ class DreamMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_input = nn.Identity()  # becomes an online Hadamard when the model is rotated
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return self.down_proj(self.down_input(F.silu(self.gate_proj(h)) * self.up_proj(h)))
 
 
 class DreamLayer(nn.Module):
@@ -189,4 +190,18 @@ class Dream(NativeDenoiser):
             ("self_attn.o_proj",),
             ("mlp.gate_proj", "mlp.up_proj"),
             ("mlp.down_proj",),
+        )
+
+    def rotation_layout(self) -> RotationLayout:
+        return RotationLayout(
+            embedding="model.embed_tokens",
+            final_norm="model.norm",
+            head="lm_head",
+            norm_readers=(
+                ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            ),
+            writers=("self_attn.o_proj", "mlp.down_proj"),
+            ffn_down="mlp.down_proj",
+            ffn_down_input="mlp.down_input",
         )

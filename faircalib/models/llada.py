@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from faircalib.errors import CheckpointError
-from faircalib.models.base import BlockContext, DenoiserSpec, NativeDenoiser
+from faircalib.models.base import BlockContext, DenoiserSpec, NativeDenoiser, RotationLayout
 from faircalib.models.checkpoint import config_field
 from faircalib.models.layers import (
     RMSNorm,
@@ -117,6 +117,7 @@ class LLaDABlock(nn.Module):
         self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # gate: SiLU is applied to it
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+        self.down_input = nn.Identity()  # becomes an online Hadamard when the model is rotated
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         h = self.attn_norm(x)
@@ -125,7 +126,7 @@ class LLaDABlock(nn.Module):
         v = split_heads(self.v_proj(h), self.n_kv_heads)
         x = x + self.attn_out(merge_heads(bidirectional_attention(q, k, v, ctx.attention_bias)))
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return x + self.ff_out(self.down_input(F.silu(self.ff_proj(h)) * self.up_proj(h)))
 
 
 class _Transformer(nn.Module):
@@ -191,3 +192,14 @@ class LLaDA(NativeDenoiser):
 
     def linear_groups(self) -> tuple[tuple[str, ...], ...]:
         return (("q_proj", "k_proj", "v_proj"), ("attn_out",), ("ff_proj", "up_proj"), ("ff_out",))
+
+    def rotation_layout(self) -> RotationLayout:
+        return RotationLayout(
+            embedding="model.transformer.wte",
+            final_norm="model.transformer.ln_f",
+            head="model.transformer.ff_out",
+            norm_readers=(("attn_norm", ("q_proj", "k_proj", "v_proj")), ("ff_norm", ("ff_proj", "up_proj"))),
+            writers=("attn_out", "ff_out"),
+            ffn_down="ff_out",
+            ffn_down_input="down_input",
+        )

@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="stop early after this wall time")
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--init-from", type=Path, default=None, help="continue from a checkpoint this script wrote (same tokenizer)"
+    )
     for field, value in asdict(TrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
@@ -150,7 +153,12 @@ def main(argv: list[str] | None = None) -> None:
 
     train_texts = [text for _, text in load_articles("train")]
     eval_texts = [text for _, text in load_articles("eval")]
-    tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
+    if args.init_from is not None:
+        from faircalib.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.init_from)
+    else:
+        tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
     train_stream = token_stream(tokenizer, train_texts)
     eval_windows = eval_windows_of(token_stream(tokenizer, eval_texts), cfg.seq_len)
     vocab = len(tokenizer)
@@ -172,12 +180,19 @@ def main(argv: list[str] | None = None) -> None:
         eot_token_id=None,
         max_sequence_length=4 * cfg.seq_len,
     )
-    model = LLaDA(model_cfg)
-    randomize_(model, cfg.seed)
-    with torch.no_grad():  # small init keeps the first steps stable at this learning rate
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.mul_(0.02 if "wte" in name else 0.5)
+    if args.init_from is not None:
+        from faircalib.models import load_denoiser
+
+        model = load_denoiser(args.init_from)
+        if model.config != model_cfg:
+            raise SystemExit(f"{args.init_from} has another architecture than the flags ask for")
+    else:
+        model = LLaDA(model_cfg)
+        randomize_(model, cfg.seed)
+        with torch.no_grad():  # small init keeps the first steps stable at this learning rate
+            for name, p in model.named_parameters():
+                if p.ndim == 2:
+                    p.mul_(0.02 if "wte" in name else 0.5)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters {n_params:,}", flush=True)
     decay = [p for p in model.parameters() if p.ndim == 2]

@@ -1,0 +1,1 @@
+"""Numerical building blocks below the models: Hadamard transforms (torch reference implementations)."""

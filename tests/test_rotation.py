@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from faircalib.calib.rotation import rotate_model
+from faircalib.errors import ConfigError
+from faircalib.kernels.hadamard import (
+    OnlineHadamard,
+    apply_block_hadamard,
+    hadamard_block,
+    hadamard_matrix,
+    random_hadamard,
+)
+from faircalib.models import load_denoiser
+from faircalib.models.tiny import tiny_denoiser
+
+IDS = torch.tensor([[5, 9, 17, 3, 8, 95, 95, 95, 95, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64])
+def test_sylvester_hadamard_is_orthogonal(n):
+    h = hadamard_matrix(n)
+    torch.testing.assert_close(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n,block", [(96, 32), (704, 64), (12288, 4096), (3584, 512), (18944, 512)])
+def test_block_sizes_of_real_dimensions(n, block):
+    assert hadamard_block(n) == block
+
+
+def test_random_hadamard_is_orthogonal_for_non_powers_of_two():
+    q = random_hadamard(96, seed=3)
+    torch.testing.assert_close(q @ q.T, torch.eye(96, dtype=torch.float64))
+    assert not torch.equal(q, random_hadamard(96, seed=4))
+
+
+def test_online_hadamard_matches_the_dense_matrix():
+    x = torch.randn(3, 5, 96)
+    dense = torch.block_diag(*([hadamard_matrix(32, torch.float32) / 32**0.5] * 3))
+    torch.testing.assert_close(apply_block_hadamard(x, 32), x @ dense)
+    assert OnlineHadamard(96).block == 32
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_rotation_preserves_the_function(family):
+    model = tiny_denoiser(family, seed=4)
+    before = model(IDS)
+    rotate_model(model, seed=1)
+    torch.testing.assert_close(model(IDS), before, rtol=1e-4, atol=1e-4)
+    assert type(model.blocks[0].get_submodule(model.rotation_layout().ffn_down_input)) is OnlineHadamard
+
+
+def test_rotation_spreads_an_outlier_channel():
+    model = tiny_denoiser("llada", seed=4)
+    with torch.no_grad():
+        model.model.transformer.wte.weight[:, 7] *= 30  # one loud residual channel
+    seen = {}
+    model.blocks[0].q_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
+
+    def peak_to_rms():
+        model(IDS)
+        x = seen["x"]
+        return float((x.abs().amax(-1) / x.pow(2).mean(-1).sqrt()).mean())
+
+    plain = peak_to_rms()
+    rotate_model(model, seed=0)
+    assert peak_to_rms() < plain / 2
+
+
+def test_post_ln_models_cannot_be_rotated(tiny_dirs):
+    with pytest.raises(ConfigError, match="post-LN"):
+        rotate_model(load_denoiser(tiny_dirs["bert"]), seed=0)
