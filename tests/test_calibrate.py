@@ -33,8 +33,9 @@ def small(method, **kw):
         small("rtn", wbits=8, w_symmetric=False),
         small("quarot", abits=4),
         small("fair", abits=4),
+        small("smoothquant", wbits=8, abits=8),
     ],
-    ids=["fair-w4a16", "gptq-w4a8-g16", "rtn-w8-asym", "quarot-w4a4", "fair-w4a4-rotated"],
+    ids=["fair-w4a16", "gptq-w4a8-g16", "rtn-w8-asym", "quarot-w4a4", "fair-w4a4-rotated", "smoothquant-w8a8"],
 )
 def test_artifact_round_trip_reproduces_the_student(tmp_path, tiny_dirs, cfg):
     art = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
@@ -44,8 +45,10 @@ def test_artifact_round_trip_reproduces_the_student(tmp_path, tiny_dirs, cfg):
     for key, w in art.weights.items():
         assert torch.equal(loaded.weights[key].codes, w.codes.cpu())
         assert torch.equal(loaded.weights[key].scale, w.scale.cpu())
-    student = apply_quantization(load_denoiser(tiny_dirs["llada"]), loaded.weights, cfg, loaded.act_clips)
-    again = apply_quantization(load_denoiser(tiny_dirs["llada"]), art.weights, cfg, art.act_clips)
+    student = apply_quantization(
+        load_denoiser(tiny_dirs["llada"]), loaded.weights, cfg, loaded.act_clips, loaded.fp_params
+    )
+    again = apply_quantization(load_denoiser(tiny_dirs["llada"]), art.weights, cfg, art.act_clips, art.fp_params)
     assert torch.equal(student(IDS), again(IDS))
     assert not torch.equal(student(IDS), load_denoiser(tiny_dirs["llada"])(IDS))  # it really is quantized
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
@@ -53,6 +56,7 @@ def test_artifact_round_trip_reproduces_the_student(tmp_path, tiny_dirs, cfg):
     assert len(manifest["blocks"]) == 2 and not (tmp_path / "art.partial").exists()
     if cfg.weighting == "prior":
         assert loaded.prior is not None and loaded.prior.shape == (8,)
+    assert bool(loaded.fp_params) == (cfg.smooth_alpha is not None)  # smoothed norm scales travel along
 
 
 def test_four_bit_codes_are_stored_packed(tmp_path, tiny_dirs):
@@ -140,6 +144,6 @@ def test_other_families_calibrate(tmp_path, tiny_dirs, family):
     art = run_calibration(tiny_dirs[family], small("fair"), sampling, prompts, tmp_path / "art", quiet=True)
     model = load_denoiser(tiny_dirs[family])
     teacher = copy.deepcopy(model)
-    apply_quantization(model, art.weights, art.config, art.act_clips)
+    apply_quantization(model, art.weights, art.config, art.act_clips, art.fp_params)
     ids = torch.tensor([prompts[0] + [model.spec.mask_token_id] * 4])
     assert model(ids).shape == teacher(ids).shape

@@ -69,3 +69,28 @@ def test_rotation_spreads_an_outlier_channel():
 def test_post_ln_models_cannot_be_rotated(tiny_dirs):
     with pytest.raises(ConfigError, match="post-LN"):
         rotate_model(load_denoiser(tiny_dirs["bert"]), seed=0)
+
+
+def test_smoothquant_preserves_the_function_and_flattens_activation_peaks():
+    from faircalib.calib.smooth import norm_output_absmax, smooth_block
+
+    model = tiny_denoiser("llada", seed=4)
+    with torch.no_grad():
+        model.blocks[0].attn_norm.weight[3] = 25.0  # a loud channel after the norm
+    hidden = [model.embed(IDS)]
+    contexts = [model.block_context(IDS)]
+    before_out = model(IDS)
+    peaks = norm_output_absmax(model, model.blocks[0], ["attn_norm"], hidden, contexts)["attn_norm"]
+    changed = smooth_block(model, model.blocks[0], hidden, contexts, alpha=0.5)
+    torch.testing.assert_close(model(IDS), before_out, rtol=1e-4, atol=1e-4)
+    after = norm_output_absmax(model, model.blocks[0], ["attn_norm"], hidden, contexts)["attn_norm"]
+    assert float(after.max() / after.median()) < float(peaks.max() / peaks.median()) / 2
+    assert set(changed) == {"attn_norm.weight", "ff_norm.weight"}
+
+
+def test_smoothquant_refuses_post_ln(tiny_dirs):
+    from faircalib.calib.smooth import smooth_block
+
+    model = load_denoiser(tiny_dirs["bert"])
+    with pytest.raises(ConfigError, match="SmoothQuant needs pre-norm"):
+        smooth_block(model, model.blocks[0], [model.embed(IDS[:, :5])], [model.block_context(IDS)], alpha=0.5)

@@ -61,6 +61,7 @@ class QuantArtifact:
     act_clips: dict[str, float] = field(default_factory=dict)
     prior: torch.Tensor | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    fp_params: dict[str, torch.Tensor] = field(default_factory=dict)  # calibrated non-quantized params
 
     @property
     def fingerprint(self) -> str | None:
@@ -81,7 +82,7 @@ class QuantArtifact:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         try:
-            save_file(encode_weights(self.weights, self.prior), str(staging / TENSORS))
+            save_file(encode_weights(self.weights, self.prior, self.fp_params), str(staging / TENSORS))
             manifest = {
                 **self.manifest,
                 "format_version": ARTIFACT_FORMAT,
@@ -114,12 +115,18 @@ class QuantArtifact:
         config = QuantConfig.from_json_dict(manifest["config"])
         with safe_open(str(path / TENSORS), "pt") as handle:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        weights, prior = decode_weights(tensors, manifest["layers"], config)
-        return cls(config, weights, manifest.get("act_clips", {}), prior, manifest)
+        weights, prior, fp_params = decode_weights(tensors, manifest["layers"], config)
+        return cls(config, weights, manifest.get("act_clips", {}), prior, manifest, fp_params)
 
 
-def encode_weights(weights: dict[str, QuantizedWeight], prior: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
+def encode_weights(
+    weights: dict[str, QuantizedWeight],
+    prior: torch.Tensor | None = None,
+    fp_params: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {
+        f"fp.{key}": v.float().cpu().contiguous() for key, v in (fp_params or {}).items()
+    }
     for key, w in weights.items():
         codes = w.codes.cpu()
         tensors[f"{key}.codes"] = pack_int4(codes) if w.spec.bits == 4 else codes.contiguous()
@@ -133,7 +140,8 @@ def encode_weights(weights: dict[str, QuantizedWeight], prior: torch.Tensor | No
 
 def decode_weights(
     tensors: dict[str, torch.Tensor], layers: dict[str, list[int]], config: QuantConfig
-) -> tuple[dict[str, QuantizedWeight], torch.Tensor | None]:
+) -> tuple[dict[str, QuantizedWeight], torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Inverse of ``encode_weights``: (weights, prior, full-precision params)."""
     spec = config.weight_spec()
     weights = {}
     for key, shape in layers.items():
@@ -147,7 +155,8 @@ def decode_weights(
         if list(codes.shape) != list(shape):
             raise CheckpointError(f"artifact layer {key} has codes {list(codes.shape)}, manifest says {shape}")
         weights[key] = QuantizedWeight(codes, scale, tensors.get(f"{key}.zero"), spec)
-    return weights, tensors.get("prior")
+    fp_params = {name[3:]: value for name, value in tensors.items() if name.startswith("fp.")}
+    return weights, tensors.get("prior"), fp_params
 
 
 def replace_dir(staging: Path, path: Path) -> None:

@@ -40,7 +40,7 @@ METRICS = (
 @dataclass(frozen=True)
 class BenchConfig:
     model: str = str(model_dir())
-    methods: tuple[str, ...] = ("rtn", "gptq", "gptq-text", "quarot", "fair")
+    methods: tuple[str, ...] = ("rtn", "gptq", "gptq-text", "smoothquant", "quarot", "gptq-recon", "fair")
     formats: tuple[str, ...] = ("W4A4", "W4A8", "W4A16")
     seeds: tuple[int, ...] = (0, 1, 2)
     n_calib_prompts: int = 32

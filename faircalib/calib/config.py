@@ -13,7 +13,7 @@ from typing import Any, Literal
 from faircalib.calib.quant import ActSpec, WeightSpec
 from faircalib.errors import ConfigError
 
-METHODS = ("rtn", "gptq", "gptq-text", "smoothquant", "quarot", "quarot-rtn", "fair")
+METHODS = ("rtn", "gptq", "gptq-text", "smoothquant", "quarot", "quarot-rtn", "gptq-recon", "fair")
 FORMATS = {"W4A4": (4, 4), "W4A8": (4, 8), "W4A16": (4, 16), "W8A8": (8, 8)}
 
 
@@ -111,17 +111,18 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "smoothquant": dict(solver="rtn", smooth_alpha=0.5, weighting="uniform", reconstruct=False),
     "quarot": dict(solver="gptq", rotate=True, weighting="uniform", reconstruct=False),
     "quarot-rtn": dict(solver="rtn", rotate=True, weighting="uniform", reconstruct=False),
+    "gptq-recon": dict(solver="gptq", weighting="uniform", reconstruct=True),  # FAIR-Calib minus the prior
     "fair": dict(solver="gptq", weighting="prior", reconstruct=True),
 }
 
 
 def preset(method: str, **overrides: Any) -> QuantConfig:
-    """The config of a named method; ``overrides`` (e.g. from CLI flags) win. FAIR-Calib and QuaRot
-    rotate by default at 4-bit activations, where LLaMA-type blocks collapse without it."""
+    """The config of a named method; ``overrides`` (e.g. from CLI flags) win. FAIR-Calib and its
+    uniform-weight twin rotate by default at 4-bit activations, where LLaMA-type blocks collapse without it."""
     if method not in _PRESETS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     values = dict(_PRESETS[method], method=method)
-    if method == "fair" and overrides.get("abits") == 4:
+    if method in ("fair", "gptq-recon") and overrides.get("abits") == 4:
         values["rotate"] = True
     values.update({k: v for k, v in overrides.items() if v is not None})
     return replace(QuantConfig(), **values)

@@ -18,7 +18,9 @@ from faircalib.sampling.metrics import evaluate_parity, masked_nll
 
 def fake_quant_student(teacher: Denoiser, artifact: QuantArtifact) -> Denoiser:
     """A copy of ``teacher`` running the artifact's weights and activation quantization."""
-    return apply_quantization(copy.deepcopy(teacher), artifact.weights, artifact.config, artifact.act_clips)
+    return apply_quantization(
+        copy.deepcopy(teacher), artifact.weights, artifact.config, artifact.act_clips, artifact.fp_params
+    )
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from faircalib.calib.linear import QuantizedWeight, QuantLinear, replace_linear
 from faircalib.calib.quant import ActSpec, fake_quant_activation, quantize_weight, weight_qparams
 from faircalib.calib.recon import ReconReport, reconstruct_block, weighted_mse
 from faircalib.calib.rotation import rotate_model
+from faircalib.calib.smooth import smooth_block
 from faircalib.calib.states import CalibrationSet
 from faircalib.errors import ConfigError
 from faircalib.models.base import BlockContext, Denoiser
@@ -45,6 +46,7 @@ class BlockReport:
 class CalibrationResult:
     weights: dict[str, QuantizedWeight]  # "blocks.{i}.{name}" -> quantized weight
     act_clips: dict[str, float]  # activation clip ratio per quantized linear, same keys
+    fp_params: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. smoothed norm scales
     blocks: list[BlockReport] = field(default_factory=list)
 
 
@@ -107,19 +109,18 @@ def calibrate(
     *,
     done: Mapping[str, QuantizedWeight] | None = None,
     done_clips: Mapping[str, float] | None = None,
-    on_block: Callable[[int, dict[str, QuantizedWeight], dict[str, float], BlockReport], None] | None = None,
+    done_fp: Mapping[str, torch.Tensor] | None = None,
+    on_block: Callable[[int, CalibrationResult, BlockReport], None] | None = None,
 ) -> CalibrationResult:
     """Quantize ``model``'s blocks in place (their linears become QuantLinear) and return the weights.
 
-    ``done`` holds weights of blocks finished by an earlier, interrupted run: those blocks are installed
-    as they were and only propagated. ``on_block`` is called after each block (for checkpointing and
-    progress).
+    ``done`` / ``done_clips`` / ``done_fp`` hold what blocks finished by an earlier, interrupted run
+    produced: those blocks are installed as they were and only propagated. ``on_block(index, result,
+    report)`` is called after each block (for checkpointing and progress).
     """
-    if cfg.smooth_alpha is not None:
-        raise ConfigError("SmoothQuant is not implemented yet: use a method without smooth_alpha")
     if cfg.head_bits != 16:
         raise ConfigError("quantizing the LM head is not implemented yet: keep head_bits 16")
-    done, done_clips = dict(done or {}), dict(done_clips or {})
+    done, done_clips, done_fp = dict(done or {}), dict(done_clips or {}), dict(done_fp or {})
     if cfg.rotate:
         rotate_model(model, cfg.seed)
     device, dtype = model.device, model.dtype
@@ -144,10 +145,16 @@ def calibrate(
         keys = {name: layer_key(index, name) for name in names}
 
         if all(key in done for key in keys.values()):
+            set_fp_params(block, index, done_fp)
             for name, key in keys.items():
                 install(block, name, done[key], act_with_clip(act, done_clips.get(key)), dtype)
+            result.fp_params.update({k: v for k, v in done_fp.items() if k.startswith(f"blocks.{index}.")})
             report.resumed = True
         else:
+            if cfg.smooth_alpha is not None:
+                # The FP block keeps computing the same function, so the targets stay valid.
+                smoothed = smooth_block(model, block, hidden_q, contexts, cfg.smooth_alpha)
+                result.fp_params.update({layer_key(index, name): value for name, value in smoothed.items()})
             hessians = (
                 collect_hessians(model, block, groups, hidden_q, contexts, weights, act) if cfg.solver == "gptq" else {}
             )
@@ -184,8 +191,17 @@ def calibrate(
         report.seconds = time.perf_counter() - start
         result.blocks.append(report)
         if on_block is not None:
-            on_block(index, block_weights, block_clips, report)
+            on_block(index, result, report)
     return result
+
+
+def set_fp_params(block: nn.Module, index: int, params: Mapping[str, torch.Tensor]) -> None:
+    """Copy full-precision parameters recorded under "blocks.{index}.<name>" into ``block``."""
+    prefix = f"blocks.{index}."
+    for key, value in params.items():
+        if key.startswith(prefix):
+            target = block.get_parameter(key[len(prefix) :])
+            target.data.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
 def act_with_clip(act: ActSpec, clip: float | None) -> ActSpec:
@@ -193,14 +209,19 @@ def act_with_clip(act: ActSpec, clip: float | None) -> ActSpec:
 
 
 def apply_quantization(
-    model: Denoiser, weights: Mapping[str, QuantizedWeight], cfg: QuantConfig, clips: Mapping[str, float]
+    model: Denoiser,
+    weights: Mapping[str, QuantizedWeight],
+    cfg: QuantConfig,
+    clips: Mapping[str, float],
+    fp_params: Mapping[str, torch.Tensor] | None = None,
 ) -> Denoiser:
     """Turn a full-precision model into the fake-quant student of an artifact (in place): rotated as it was
-    at calibration, then every linear replaced by its quantized version."""
+    at calibration, calibrated full-precision parameters restored, every linear replaced."""
     if cfg.rotate:
         rotate_model(model, cfg.seed)
     act = cfg.act_spec()
     for index, block in enumerate(model.blocks):
+        set_fp_params(block, index, fp_params or {})
         for group in model.linear_groups():
             for name in group:
                 key = layer_key(index, name)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from faircalib import __version__
 from faircalib.calib.artifact import QuantArtifact, decode_weights, encode_weights, model_fingerprint
 from faircalib.calib.config import QuantConfig
-from faircalib.calib.pipeline import BlockReport, calibrate
+from faircalib.calib.pipeline import BlockReport, CalibrationResult, calibrate
 from faircalib.calib.probe import ProbeStats
 from faircalib.calib.states import CalibrationSet, StateChunk, probe_teacher, teacher_states, text_states
 from faircalib.errors import ConfigError
@@ -101,7 +101,7 @@ def run_calibration(
     partial = out.with_name(out.name + ".partial")
     progress_path = partial / "progress.json"
     timings: dict[str, float] = {}
-    done, done_clips, reports = {}, {}, []
+    done, done_clips, done_fp, reports = {}, {}, {}, []
 
     if partial.exists():
         progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
@@ -116,8 +116,9 @@ def run_calibration(
             with safe_open(str(block), "pt") as handle:
                 meta = handle.metadata()
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-            weights, _ = decode_weights(tensors, json.loads(meta["layers"]), cfg)
+            weights, _, fp_params = decode_weights(tensors, json.loads(meta["layers"]), cfg)
             done.update(weights)
+            done_fp.update(fp_params)
             done_clips.update(json.loads(meta["clips"]))
         reports = progress.get("blocks", [])
         if not quiet:
@@ -137,18 +138,23 @@ def run_calibration(
 
     bar = tqdm(total=len(model.blocks), initial=len(reports), desc="stage II: blocks", unit="block", disable=quiet)
 
-    def checkpoint(index: int, weights, clips, report: BlockReport) -> None:
+    def checkpoint(index: int, result: CalibrationResult, report: BlockReport) -> None:
         if not report.resumed:
+            prefix = f"blocks.{index}."
+            weights = {k: w for k, w in result.weights.items() if k.startswith(prefix)}
+            clips = {k: c for k, c in result.act_clips.items() if k.startswith(prefix)}
+            fp_params = {k: v for k, v in result.fp_params.items() if k.startswith(prefix)}
             layers = {k: list(w.codes.shape) for k, w in weights.items()}
             meta = {"layers": json.dumps(layers), "clips": json.dumps(clips)}
-            save_file(encode_weights(weights, None), str(partial / f"block_{index:04d}.safetensors"), metadata=meta)
+            tensors = encode_weights(weights, fp_params=fp_params)
+            save_file(tensors, str(partial / f"block_{index:04d}.safetensors"), metadata=meta)
             reports.append(block_report_dict(report))
             write_json_atomic(progress_path, {"identity": identity, "timings": timings, "blocks": reports})
             bar.update(1)
 
     start = time.perf_counter()
     try:
-        result = calibrate(model, calib, cfg, done=done, done_clips=done_clips, on_block=checkpoint)
+        result = calibrate(model, calib, cfg, done=done, done_clips=done_clips, done_fp=done_fp, on_block=checkpoint)
     finally:
         bar.close()
     timings["stage2_seconds"] = time.perf_counter() - start + timings.get("stage2_seconds", 0.0)
@@ -157,6 +163,7 @@ def run_calibration(
         weights=result.weights,
         act_clips=result.act_clips,
         prior=calib.prior,
+        fp_params=result.fp_params,
         manifest={
             "faircalib_version": __version__,
             "model": {"path": str(model_dir), "fingerprint": fingerprint, "family": model.spec.family},
