@@ -24,6 +24,7 @@ from faircalib.calib.config import FORMATS, METHODS
 from faircalib.calib.evaluate import fake_quant_student, parity_report
 from faircalib.models import load_denoiser, load_tokenizer
 from faircalib.sampling import LLaDASampling
+from faircalib.sampling.metrics import masked_nll, teacher_runs
 from faircalib.zoo import model_dir, wiki
 
 METRICS = (
@@ -77,6 +78,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     eval_prompts = wiki.prompt_ids(tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens)
     nll_windows = wiki.text_windows(tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens + cfg.gen_length)
     calib_texts = [text for _, text in wiki.load_articles("calib")]
+    references = teacher_runs(teacher, eval_prompts, sampling, teacher.spec)
+    nll_fp = masked_nll(teacher, nll_windows, teacher.spec)
     rows = []
     for seed in cfg.seeds:
         prompts_file = out / f"calib_prompts_seed{seed}.txt"
@@ -102,7 +105,10 @@ def run_bench(cfg: BenchConfig) -> dict:
                     print(f"{name}: calibration failed: {row['error']}", file=sys.stderr)
                 else:
                     student = fake_quant_student(teacher, QuantArtifact.load(artifact))
-                    report = parity_report(teacher, student, eval_prompts, sampling, nll_windows=nll_windows)
+                    report = parity_report(
+                        teacher, student, eval_prompts, sampling, nll_windows=nll_windows, references=references,
+                        nll_fp=nll_fp,
+                    )  # fmt: skip
                     row.update({k: report[k] for k in METRICS}, masked_nll_fp=report["masked_nll_fp"])
                     row["flip_curve"] = report["curves"]["frontier_flip_rate"]
                     print(f"{name}: flips {row['frontier_flip_rate']:.4f}  {seconds:.0f}s", file=sys.stderr)

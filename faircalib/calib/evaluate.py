@@ -13,7 +13,7 @@ from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.pipeline import apply_quantization
 from faircalib.models.base import Denoiser
 from faircalib.sampling import Sampling
-from faircalib.sampling.metrics import evaluate_parity, masked_nll
+from faircalib.sampling.metrics import evaluate_parity, masked_nll, teacher_runs
 
 
 def fake_quant_student(teacher: Denoiser, artifact: QuantArtifact) -> Denoiser:
@@ -33,17 +33,24 @@ def parity_report(
     nll_windows: torch.Tensor | None = None,
     batch_size: int = 16,
     quiet: bool = True,
+    references: list | None = None,
+    nll_fp: float | None = None,
 ) -> dict:
-    """Every metric of DESIGN.md section 5 for ``student`` against ``teacher`` on ``prompts``."""
+    """Every metric of DESIGN.md section 5 for ``student`` against ``teacher`` on ``prompts``.
+
+    ``references`` (from ``teacher_runs``) and ``nll_fp`` skip recomputing the teacher's side when many
+    students are compared with one teacher.
+    """
+    if references is None:
+        references = teacher_runs(
+            teacher, [list(p) for p in prompts], sampling, teacher.spec, batch_size=batch_size, device=teacher.device
+        )
     with tqdm(total=len(prompts), desc="parity", unit="prompt", disable=quiet) as bar:
-        tally = evaluate_parity(
-            teacher, student, [list(p) for p in prompts], sampling, teacher.spec,
-            batch_size=batch_size, device=teacher.device, on_batch=bar.update,
-        )  # fmt: skip
+        tally = evaluate_parity(student, references, sampling, teacher.spec, on_batch=bar.update)
     report = tally.summary()
     if nll_windows is not None:
         windows = nll_windows.to(teacher.device)
-        report["masked_nll_fp"] = masked_nll(teacher, windows, teacher.spec)
+        report["masked_nll_fp"] = nll_fp if nll_fp is not None else masked_nll(teacher, windows, teacher.spec)
         report["masked_nll_q"] = masked_nll(student, windows, student.spec)
     report["sampling"] = sampling.to_json_dict()
     return report

@@ -155,35 +155,50 @@ def masked_nll(denoise: Denoise, windows: torch.Tensor, spec: DenoiserSpec, seed
     return total / tokens
 
 
-def evaluate_parity(
+@torch.no_grad()
+def teacher_runs(
     teacher: Denoise,
-    student: Denoise,
     prompts: list[list[int]],
     sampling: Sampling,
     spec: DenoiserSpec,
     *,
     batch_size: int = 16,
     device: str | torch.device = "cpu",
-    on_batch=None,
-) -> ParityTally:
-    """Teacher run (recorded) and student rollout (recorded) for every prompt, pooled into one tally.
-
-    Prompts are batched by length; each batch shares one schedule.
-    """
+) -> list[tuple[Schedule, GenerationResult]]:
+    """The teacher's recorded runs, prompts batched by length (each batch shares one schedule). Computed
+    once, they serve every student compared against this teacher."""
     from faircalib.sampling.loop import generate
     from faircalib.sampling.schedule import plan
 
     by_length: dict[int, list[list[int]]] = {}
     for prompt in prompts:
         by_length.setdefault(len(prompt), []).append(list(prompt))
-    tally = ParityTally()
+    runs = []
     for length, group in sorted(by_length.items()):
         schedule = plan(sampling, length)
         for start in range(0, len(group), batch_size):
             batch = torch.tensor(group[start : start + batch_size], dtype=torch.long, device=device)
-            reference = generate(teacher, batch, sampling, spec, schedule=schedule, record=True)
-            rollout = generate(student, batch, sampling, spec, schedule=schedule, record=True)
-            tally.add(student, reference, rollout, sampling, spec, schedule)
-            if on_batch is not None:
-                on_batch(batch.shape[0])
+            runs.append((schedule, generate(teacher, batch, sampling, spec, schedule=schedule, record=True)))
+    return runs
+
+
+@torch.no_grad()
+def evaluate_parity(
+    student: Denoise,
+    references: list[tuple[Schedule, GenerationResult]],
+    sampling: Sampling,
+    spec: DenoiserSpec,
+    on_batch=None,
+) -> ParityTally:
+    """The student's recorded rollout of every reference batch, teacher-forced and free-running counts
+    pooled into one tally."""
+    from faircalib.sampling.loop import generate
+
+    tally = ParityTally()
+    for schedule, reference in references:
+        prompt = reference.tokens[:, : reference.prompt_length]
+        rollout = generate(student, prompt, sampling, spec, schedule=schedule, record=True)
+        tally.add(student, reference, rollout, sampling, spec, schedule)
+        if on_batch is not None:
+            on_batch(prompt.shape[0])
     return tally
