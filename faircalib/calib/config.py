@@ -52,6 +52,7 @@ class QuantConfig:
     recon_steps: int = 200
     recon_lr: float = 5e-3
     recon_batch: int = 8
+    head_weight: float = 1.0  # logits-level KL at decision positions, last block only (0 turns it off)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -79,8 +80,8 @@ class QuantConfig:
         for name in ("n_prompts", "states_per_prompt", "recon_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.recon_steps < 0 or self.damp < 0:
-            raise ConfigError("recon_steps and damp must be >= 0")
+        if self.recon_steps < 0 or self.damp < 0 or self.head_weight < 0:
+            raise ConfigError("recon_steps, damp and head_weight must be >= 0")
 
     def weight_spec(self) -> WeightSpec:
         return WeightSpec(self.wbits, self.group_size, self.w_symmetric)

@@ -22,7 +22,7 @@ from faircalib.calib.gptq import gptq_quantize
 from faircalib.calib.hessian import accumulate_hessian
 from faircalib.calib.linear import QuantizedWeight, QuantLinear, replace_linear
 from faircalib.calib.quant import ActSpec, fake_quant_activation, quantize_weight, weight_qparams
-from faircalib.calib.recon import ReconReport, reconstruct_block, weighted_mse
+from faircalib.calib.recon import HeadTerm, ReconReport, reconstruct_block, weighted_mse
 from faircalib.calib.rotation import rotate_model
 from faircalib.calib.smooth import smooth_block
 from faircalib.calib.states import CalibrationSet
@@ -171,10 +171,13 @@ def calibrate(
                         quantized = rtn_weight(w, cfg)
                     install(block, name, quantized, act, dtype)
             if cfg.reconstruct and cfg.recon_steps > 0:
+                last = index == len(model.blocks) - 1
+                head = HeadTerm(model.head, decision_masks(tokens, model.spec), cfg.head_weight)
                 with torch.enable_grad():
                     report.recon = reconstruct_block(
                         block, lambda b, x, c: model.run_block(b, x, contexts[c]), names, hidden_q, targets, weights,
                         steps=cfg.recon_steps, lr=cfg.recon_lr, batch=cfg.recon_batch, seed=cfg.seed + index,
+                        head=head if last and cfg.head_weight > 0 else None,
                     )  # fmt: skip
 
         with torch.no_grad():
@@ -193,6 +196,20 @@ def calibrate(
         if on_block is not None:
             on_block(index, result, report)
     return result
+
+
+def decision_masks(tokens: Sequence[torch.Tensor], spec) -> list[torch.Tensor]:
+    """Per chunk [S, L] bool: the logit positions that decide masked tokens (shifted for Dream-style models)."""
+    masks = []
+    for t in tokens:
+        masked = t == spec.mask_token_id
+        if spec.logit_shift:  # position j is decided by the logits at j - 1 (and position 0 by its own)
+            shifted = torch.zeros_like(masked)
+            shifted[:, :-1] = masked[:, 1:]
+            shifted[:, 0] |= masked[:, 0]
+            masked = shifted
+        masks.append(masked)
+    return masks
 
 
 def set_fp_params(block: nn.Module, index: int, params: Mapping[str, torch.Tensor]) -> None:

@@ -63,15 +63,33 @@ class LearnableQuantLinear(nn.Module):
 
 @dataclass(frozen=True)
 class ReconReport:
-    loss_before: float
+    loss_before: float  # the combined objective, each term normalised to 1 at the start
     loss_after: float
     kept: bool
+
+
+@dataclass(frozen=True)
+class HeadTerm:
+    """The logits-level part of the objective, for the last block: the full-precision head maps both the
+    student's and the teacher's final hidden states to logits, compared where decisions are made."""
+
+    head: Callable[[torch.Tensor], torch.Tensor]
+    decision_masks: Sequence[torch.Tensor]  # per chunk [S, L] bool: positions whose logits decide a masked token
+    weight: float
 
 
 def weighted_mse(output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_j w_j ||output_j - target_j||^2 / sum_j w_j over tokens; output/target [S, L, D], weights [S, L]."""
     per_token = (output.float() - target.float()).pow(2).sum(-1)
-    return (per_token * weights).sum() / weights.sum()
+    return (per_token * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def weighted_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j KL(p_teacher(j) || p_student(j)) / sum_j w_j; logits [S, L, V], weights [S, L]."""
+    teacher_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    student_logp = torch.log_softmax(student_logits.float(), dim=-1)
+    per_token = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    return (per_token * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
 def reconstruct_block(
@@ -86,11 +104,13 @@ def reconstruct_block(
     lr: float,
     batch: int,
     seed: int,
+    head: HeadTerm | None = None,
 ) -> ReconReport:
     """Tune the QuantLinears ``names`` of ``block`` in place.
 
     ``run_block(block, hidden, chunk_index)`` runs the block on one chunk's hidden states; ``inputs``,
-    ``targets`` and ``weights`` are per chunk ([S, L, D], [S, L, D], [S, L]).
+    ``targets`` and ``weights`` are per chunk ([S, L, D], [S, L, D], [S, L]). The objective is
+    mse / mse_0 (+ head.weight * kl / kl_0), each term relative to its value at the GPTQ solution.
     """
     originals = {name: block.get_submodule(name) for name in names}
     learnables = {}
@@ -103,27 +123,42 @@ def reconstruct_block(
     # Every state of every chunk, as (chunk, row) pairs, so batches are drawn across lengths.
     rows = [(c, r) for c, chunk in enumerate(inputs) for r in range(chunk.shape[0])]
 
-    def full_loss() -> float:
+    def terms(c: int, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        out, target, w = run_block(block, inputs[c][idx], c), targets[c][idx], weights[c][idx]
+        mse = weighted_mse(out, target, w)
+        if head is None:
+            return mse, torch.zeros(())
         with torch.no_grad():
-            total = weight_sum = 0.0
-            for c, (x, y, w) in enumerate(zip(inputs, targets, weights, strict=True)):
-                out = run_block(block, x, c)
-                total += float(weighted_mse(out, y, w) * w.sum())
-                weight_sum += float(w.sum())
-        return total / weight_sum
+            teacher_logits = head.head(target)
+        kl = weighted_kl(head.head(out), teacher_logits, w * head.decision_masks[c][idx])
+        return mse, kl
 
-    before = full_loss()
+    def full_terms() -> tuple[float, float]:
+        with torch.no_grad():
+            sums = [0.0, 0.0]
+            for c in range(len(inputs)):
+                for k, value in enumerate(terms(c, slice(None))):
+                    sums[k] += float(value) * inputs[c].shape[0]
+        n = sum(x.shape[0] for x in inputs)
+        return sums[0] / n, sums[1] / n
+
+    mse_0, kl_0 = full_terms()
+    mse_0, kl_0 = max(mse_0, 1e-12), max(kl_0, 1e-12)
+
+    def objective(mse, kl):
+        return mse / mse_0 + (head.weight * kl / kl_0 if head is not None else 0.0)
+
+    before = objective(mse_0, kl_0)
     for _ in range(steps):
         pick = torch.randint(len(rows), (batch,), generator=generator).tolist()
         loss = 0.0
         for c in sorted({rows[i][0] for i in pick}):
             idx = torch.tensor([rows[i][1] for i in pick if rows[i][0] == c])
-            out = run_block(block, inputs[c][idx], c)
-            loss = loss + weighted_mse(out, targets[c][idx], weights[c][idx]) * len(idx) / batch
+            loss = loss + objective(*terms(c, idx)) * len(idx) / batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    after = full_loss() if steps else before
+    after = objective(*full_terms()) if steps else before
 
     kept = after < before
     for name, learnable in learnables.items():
