@@ -249,6 +249,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_onnx(args: argparse.Namespace) -> int:
+    from faircalib.exporter.trt_rules import check_tensorrt_int4
+
+    if not args.onnx.is_file():
+        raise ConfigError(f"ONNX file not found: {args.onnx}")
+    violations = check_tensorrt_int4(args.onnx)
+    for violation in violations:
+        print(violation)
+    print(f"{args.onnx}: {len(violations)} TensorRT int4 rule violation(s)", file=sys.stderr)
+    return 1 if violations else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faircalib", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -294,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = verbs.add_parser("bench", help="every method x format x seed on one model: parity, time, memory")
     add_dataclass_args(bench, BenchConfig)
     bench.set_defaults(run=cmd_bench)
+
+    check = verbs.add_parser("check-onnx", help="check an ONNX file against TensorRT's int4 weight-only rules")
+    check.add_argument("onnx", type=Path)
+    check.set_defaults(run=cmd_check_onnx)
     return parser
 
 

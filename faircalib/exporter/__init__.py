@@ -1,0 +1,1 @@
+"""Model + artifact -> QDQ ONNX of one denoiser forward, schedule.json, and static checks of the result."""

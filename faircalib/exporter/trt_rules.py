@@ -1,0 +1,129 @@
+"""A static check of an ONNX graph against what TensorRT needs to build int4 weight-only GEMMs
+(DESIGN.md section 6), so every machine can test what only a GPU can build.
+
+For each DequantizeLinear whose input is 4-bit:
+- the input is a constant initializer of signed INT4 (TensorRT has no UINT4 weights, no INT4 activations);
+- the zero point is absent or all zeros;
+- quantization is blocked (scale of the same rank as the weight) along one dimension, the last or second
+  to last, with block size 64 or 128, and that dimension is the GEMM's K;
+- the weight's last dimension is even;
+- scales are float16 or bfloat16;
+- the output feeds MatMul/Gemm as its weight operand directly or through one Transpose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, numpy_helper
+
+FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
+HALF = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+GEMMS = ("MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class Violation:
+    node: str
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.rule} ({self.detail})"
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def check_tensorrt_int4(model: onnx.ModelProto | str | Path) -> list[Violation]:
+    """Every violation of the int4 rules in ``model`` (empty: TensorRT can build its int4 GEMMs)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {out: node for node in graph.node for out in node.output}
+    violations: list[Violation] = []
+
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+            zero = initializers.get(node.input[2])
+            if zero is not None and zero.data_type in FOUR_BIT:
+                violations.append(Violation(node.name, "no INT4 activations", "QuantizeLinear to 4 bits"))
+        if node.op_type != "DequantizeLinear":
+            continue
+        weight = initializers.get(node.input[0])
+        if weight is None:
+            source = producers.get(node.input[0])
+            if source is not None and source.op_type == "QuantizeLinear" and len(source.input) > 2:
+                zero = initializers.get(source.input[2])
+                if zero is not None and zero.data_type in FOUR_BIT:
+                    continue  # reported at the QuantizeLinear
+            continue
+        if weight.data_type not in FOUR_BIT:
+            continue
+        name = node.name or node.output[0]
+        rank = len(weight.dims)
+        if weight.data_type == TensorProto.UINT4:
+            violations.append(Violation(name, "signed INT4 weights", "weight is UINT4"))
+        if len(node.input) > 2 and node.input[2]:
+            zero = initializers.get(node.input[2])
+            if zero is None or numpy_helper.to_array(zero).astype("int32").any():
+                violations.append(Violation(name, "zero point absent or zero", "non-zero or non-constant zero point"))
+        scale = initializers.get(node.input[1])
+        if scale is None:
+            violations.append(Violation(name, "constant scales", "scale is not an initializer"))
+            continue
+        if scale.data_type not in HALF:
+            dtype = TensorProto.DataType.Name(scale.data_type)
+            violations.append(Violation(name, "fp16/bf16 scales", f"scale is {dtype}"))
+        axis = _attr(node, "axis", 1) % max(rank, 1)
+        block = _attr(node, "block_size", 0)
+        if len(scale.dims) != rank or block == 0:
+            violations.append(Violation(name, "blocked quantization", "scale is not blocked (per tensor/axis)"))
+        else:
+            blocked_dims = [d for d in range(rank) if scale.dims[d] != weight.dims[d]]
+            if blocked_dims != [axis]:
+                violations.append(Violation(name, "one blocked dimension", f"scale dims {list(scale.dims)}"))
+            if axis not in (rank - 1, rank - 2):
+                violations.append(Violation(name, "blocked on the last two dimensions", f"axis {axis}"))
+            if block not in (64, 128):
+                violations.append(Violation(name, "block size 64 or 128", f"block_size {block}"))
+        if rank and weight.dims[-1] % 2:
+            violations.append(Violation(name, "even last dimension", f"weight dims {list(weight.dims)}"))
+        violations.extend(_check_consumer(name, node, axis, rank, consumers))
+    return violations
+
+
+def _check_consumer(name, node, axis, rank, consumers) -> list[Violation]:
+    source = node.output[0]
+    users = consumers.get(source, [])
+    k_axis = rank - 2  # MatMul(A, B): B is [..., K, N]
+    if len(users) == 1 and users[0].op_type == "Transpose":
+        perm = list(_attr(users[0], "perm", list(reversed(range(rank)))))
+        k_axis = perm[rank - 2]
+        source = users[0].output[0]
+        users = consumers.get(source, [])
+    if not users or any(user.op_type not in GEMMS for user in users):
+        found = sorted({user.op_type for user in users}) or ["nothing"]
+        return [Violation(name, "feeds MatMul/Gemm directly or through one Transpose", f"feeds {found}")]
+    out = []
+    for user in users:
+        if user.op_type == "Gemm" and _attr(user, "transB", 0):
+            k = rank - 1 if k_axis == rank - 2 else rank - 2
+        else:
+            k = k_axis
+        if len(user.input) < 2 or user.input[1] != source:
+            out.append(Violation(name, "weight operand of the GEMM", f"enters {user.op_type} as its first input"))
+        elif axis != k:
+            out.append(Violation(name, "blocked along K", f"blocked axis {axis}, K is axis {k}"))
+    return out
