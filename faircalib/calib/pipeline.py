@@ -125,11 +125,9 @@ def calibrate(
         rotate_model(model, cfg.seed)
     device, dtype = model.device, model.dtype
     act = cfg.act_spec()
-    groups = model.linear_groups()
-    names = [name for group in groups for name in group]
-    chunks = calib.chunks
-    tokens = [c.tokens.to(device) for c in chunks]
-    weights = [c.weights.to(device=device, dtype=torch.float32) for c in chunks]
+    names = [name for group in model.linear_groups() for name in group]
+    tokens = [c.tokens.to(device) for c in calib.chunks]
+    weights = [c.weights.to(device=device, dtype=torch.float32) for c in calib.chunks]
     contexts = [model.block_context(t) for t in tokens]
     result = CalibrationResult({}, {})
 
@@ -151,34 +149,9 @@ def calibrate(
             result.fp_params.update({k: v for k, v in done_fp.items() if k.startswith(f"blocks.{index}.")})
             report.resumed = True
         else:
-            if cfg.smooth_alpha is not None:
-                # The FP block keeps computing the same function, so the targets stay valid.
-                smoothed = smooth_block(model, block, hidden_q, contexts, cfg.smooth_alpha)
-                result.fp_params.update({layer_key(index, name): value for name, value in smoothed.items()})
-            hessians = (
-                collect_hessians(model, block, groups, hidden_q, contexts, weights, act) if cfg.solver == "gptq" else {}
-            )
-            for group in groups:
-                for name in group:
-                    w = block.get_submodule(name).weight.detach()
-                    if cfg.solver == "gptq":
-                        solved = gptq_quantize(
-                            w, hessians[group[0]], cfg.weight_spec(), damp=cfg.damp, act_order=cfg.act_order
-                        )
-                        report.gptq_retries += solved.retries
-                        quantized = QuantizedWeight(solved.codes, solved.scale, solved.zero, cfg.weight_spec())
-                    else:
-                        quantized = rtn_weight(w, cfg)
-                    install(block, name, quantized, act, dtype)
-            if cfg.reconstruct and cfg.recon_steps > 0:
-                last = index == len(model.blocks) - 1
-                head = HeadTerm(model.head, decision_masks(tokens, model.spec), cfg.head_weight)
-                with torch.enable_grad():
-                    report.recon = reconstruct_block(
-                        block, lambda b, x, c: model.run_block(b, x, contexts[c]), names, hidden_q, targets, weights,
-                        steps=cfg.recon_steps, lr=cfg.recon_lr, batch=cfg.recon_batch, seed=cfg.seed + index,
-                        head=head if last and cfg.head_weight > 0 else None,
-                    )  # fmt: skip
+            last = index == len(model.blocks) - 1
+            head = HeadTerm(model.head, decision_masks(tokens, model.spec), cfg.head_weight) if last else None
+            calibrate_block(model, block, index, hidden_q, targets, contexts, weights, cfg, report, result, head)
 
         with torch.no_grad():
             hidden_q = [model.run_block(block, h, c) for h, c in zip(hidden_q, contexts, strict=True)]
@@ -187,15 +160,58 @@ def calibrate(
             )
             report.output_mse = mse / sum(float(w.sum()) for w in weights)
         hidden_fp = targets
-        block_weights = {keys[n]: block.get_submodule(n).quantized for n in names}
-        block_clips = {keys[n]: block.get_submodule(n).act.clip_ratio for n in names}
-        result.weights.update(block_weights)
-        result.act_clips.update(block_clips)
+        result.weights.update({keys[n]: block.get_submodule(n).quantized for n in names})
+        result.act_clips.update({keys[n]: block.get_submodule(n).act.clip_ratio for n in names})
         report.seconds = time.perf_counter() - start
         result.blocks.append(report)
         if on_block is not None:
             on_block(index, result, report)
     return result
+
+
+def calibrate_block(
+    model: Denoiser,
+    block: nn.Module,
+    index: int,
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    contexts: Sequence[BlockContext],
+    weights: Sequence[torch.Tensor],
+    cfg: QuantConfig,
+    report: BlockReport,
+    result: CalibrationResult,
+    head: HeadTerm | None,
+) -> None:
+    """Smooth (optionally), quantize every linear of one block, then reconstruct (optionally), in place.
+
+    ``inputs`` are the block's inputs on the quantized path, ``targets`` the full-precision block's
+    outputs on the full-precision path, per calibration chunk.
+    """
+    if cfg.smooth_alpha is not None:
+        # The full-precision block keeps computing the same function, so the targets stay valid.
+        smoothed = smooth_block(model, block, inputs, contexts, cfg.smooth_alpha)
+        result.fp_params.update({layer_key(index, name): value for name, value in smoothed.items()})
+    groups = model.linear_groups()
+    act, spec = cfg.act_spec(), cfg.weight_spec()
+    hessians = collect_hessians(model, block, groups, inputs, contexts, weights, act) if cfg.solver == "gptq" else {}
+    for group in groups:
+        for name in group:
+            w = block.get_submodule(name).weight.detach()
+            if cfg.solver == "gptq":
+                solved = gptq_quantize(w, hessians[group[0]], spec, damp=cfg.damp, act_order=cfg.act_order)
+                report.gptq_retries += solved.retries
+                quantized = QuantizedWeight(solved.codes, solved.scale, solved.zero, spec)
+            else:
+                quantized = rtn_weight(w, cfg)
+            install(block, name, quantized, act, model.dtype)
+    if cfg.reconstruct and cfg.recon_steps > 0:
+        names = [name for group in groups for name in group]
+        with torch.enable_grad():
+            report.recon = reconstruct_block(
+                block, lambda b, x, c: model.run_block(b, x, contexts[c]), names, inputs, targets, weights,
+                steps=cfg.recon_steps, lr=cfg.recon_lr, batch=cfg.recon_batch, seed=cfg.seed + index,
+                head=head if cfg.head_weight > 0 else None,
+            )  # fmt: skip
 
 
 def decision_masks(tokens: Sequence[torch.Tensor], spec) -> list[torch.Tensor]:
