@@ -167,14 +167,12 @@ def read_prompt_file(path: Path, tokenizer, limit: int | None) -> list[list[int]
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from faircalib.calib.config import QuantConfig, preset
     from faircalib.calib.runner import run_calibration
-    from faircalib.models import parse_dtype
     from faircalib.zoo import wiki
 
     path, model, tokenizer = _load_model(args)
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig) if f.name != "method"}
     cfg = preset(args.method, **fields)
     sampling = sampling_from_args(args, model.spec)
-    del model  # the runner loads its own copy; keep one in memory
     windows, source = None, {}
     if args.calib_prompts is not None:
         prompts = read_prompt_file(args.calib_prompts, tokenizer, cfg.n_prompts)
@@ -193,8 +191,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if cfg.states == "text":
             windows = wiki.text_windows(tokenizer, "calib", cfg.n_prompts, args.prompt_tokens + sampling.gen_length)
     artifact = run_calibration(
-        path, cfg, sampling, prompts, args.out, text_windows=windows, dtype=parse_dtype(args.dtype),
-        device=args.device, data_description=source, quiet=args.quiet,
+        path, cfg, sampling, prompts, args.out, text_windows=windows, data_description=source, quiet=args.quiet,
+        model=model,
     )  # fmt: skip
     timings = artifact.manifest["timings"]
     print(

@@ -28,7 +28,7 @@ from faircalib.calib.pipeline import BlockReport, CalibrationResult, calibrate
 from faircalib.calib.probe import ProbeStats
 from faircalib.calib.states import CalibrationSet, StateChunk, probe_teacher, teacher_states, text_states
 from faircalib.errors import ConfigError
-from faircalib.models import load_denoiser
+from faircalib.models import Denoiser, load_denoiser
 from faircalib.models.checkpoint import write_json_atomic
 from faircalib.sampling import Sampling
 
@@ -83,14 +83,18 @@ def run_calibration(
     device: str = "cpu",
     data_description: dict | None = None,
     quiet: bool = False,
+    model: Denoiser | None = None,
 ) -> QuantArtifact:
+    """``model``: the checkpoint at ``model_dir`` already loaded (it is quantized in place); loaded here
+    otherwise."""
     model_dir, out = Path(model_dir), Path(out)
     if cfg.states == "text" and text_windows is None:
         raise ConfigError(f"method {cfg.method} calibrates on plain text: no text windows were given")
     if not prompts:
         raise ConfigError("no calibration prompts")
     fingerprint = model_fingerprint(model_dir)
-    model = load_denoiser(model_dir, dtype, device)
+    if model is None:
+        model = load_denoiser(model_dir, dtype, device)
     identity = {
         "fingerprint": fingerprint,
         "config": cfg.to_json_dict(),
