@@ -74,9 +74,8 @@ def sampling_from_args(args: argparse.Namespace, spec, base=None):
 
 def _load_model(args: argparse.Namespace):
     from faircalib.models import load_denoiser, load_tokenizer, parse_dtype
-    from faircalib.zoo import model_dir
 
-    path = args.model if args.model is not None else model_dir()
+    path = args.model if args.model is not None else _default_model()
     model = load_denoiser(path, parse_dtype(args.dtype), args.device)
     return path, model, load_tokenizer(path)
 
@@ -247,6 +246,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from faircalib.exporter.onnx_export import export_bundle
+    from faircalib.models import load_denoiser
+
+    path = args.model if args.model is not None else _default_model()
+    sampling = None
+    if any(getattr(args, name) is not None for name in ("gen_length", "block_length", "steps", "temperature")):
+        sampling = sampling_from_args(args, load_denoiser(path).spec)
+    out = export_bundle(path, args.artifact, args.profile, args.out, sampling=sampling, opset=args.opset)
+    print(f"wrote {out} ({args.profile})", file=sys.stderr)
+    return 0
+
+
+def _default_model() -> Path:
+    from faircalib.zoo import model_dir
+
+    return model_dir()
+
+
 def cmd_check_onnx(args: argparse.Namespace) -> int:
     from faircalib.exporter.trt_rules import check_tensorrt_int4
 
@@ -304,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench = verbs.add_parser("bench", help="every method x format x seed on one model: parity, time, memory")
     add_dataclass_args(bench, BenchConfig)
     bench.set_defaults(run=cmd_bench)
+
+    from faircalib.exporter.onnx_export import OPSET, PROFILES
+
+    exp = verbs.add_parser("export", help="write the deployable bundle: QDQ ONNX + schedule.json + tokenizer")
+    exp.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the bundled model)")
+    exp.add_argument("--artifact", type=Path, required=True)
+    exp.add_argument("--profile", choices=tuple(PROFILES), required=True)
+    exp.add_argument("--out", type=Path, required=True)
+    exp.add_argument("--opset", type=int, default=OPSET)
+    _add_sampling_args(exp)
+    exp.set_defaults(run=cmd_export)
 
     check = verbs.add_parser("check-onnx", help="check an ONNX file against TensorRT's int4 weight-only rules")
     check.add_argument("onnx", type=Path)

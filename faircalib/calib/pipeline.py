@@ -102,6 +102,13 @@ def install(block: nn.Module, name: str, weight: QuantizedWeight, act: ActSpec, 
     return quantized
 
 
+def check_shapes(model: Denoiser, cfg: QuantConfig) -> None:
+    """Fail before any work if a linear's input width does not split into the configured groups."""
+    spec = cfg.weight_spec()
+    for name in (n for group in model.linear_groups() for n in group):
+        spec.groups(model.blocks[0].get_submodule(name).in_features)
+
+
 def calibrate(
     model: Denoiser,
     calib: CalibrationSet,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from faircalib import __version__
 from faircalib.calib.artifact import QuantArtifact, decode_weights, encode_weights, model_fingerprint
 from faircalib.calib.config import QuantConfig
-from faircalib.calib.pipeline import BlockReport, CalibrationResult, calibrate
+from faircalib.calib.pipeline import BlockReport, CalibrationResult, calibrate, check_shapes
 from faircalib.calib.probe import ProbeStats
 from faircalib.calib.states import CalibrationSet, StateChunk, probe_teacher, teacher_states, text_states
 from faircalib.errors import ConfigError
@@ -95,6 +95,7 @@ def run_calibration(
     fingerprint = model_fingerprint(model_dir)
     if model is None:
         model = load_denoiser(model_dir, dtype, device)
+    check_shapes(model, cfg)
     identity = {
         "fingerprint": fingerprint,
         "config": cfg.to_json_dict(),

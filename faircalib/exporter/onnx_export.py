@@ -1,0 +1,251 @@
+"""Model + QuantArtifact -> ONNX of one denoiser forward (input_ids [batch, seq] -> logits), with the
+quantized weights as INT4 / INT8 initializers behind DequantizeLinear.
+
+Export is a sequence of graph-to-graph steps (the way NVIDIA modelopt does it):
+1. torch.onnx.export (dynamo) of the fake-quant student: rotations, online Hadamards and per-token
+   activation fake-quant arithmetic come out as ordinary ops; each quantized linear becomes a MatMul
+   whose weight is a constant-folded float initializer W^T [K, N].
+2. ``quantize_weight_initializers`` finds each of those initializers by content and replaces it with the
+   integer codes [K, N], their scales (and zero-points) and a DequantizeLinear: blocked along K for
+   group-wise weights, per output channel otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from faircalib.calib.artifact import QuantArtifact
+from faircalib.calib.linear import QuantizedWeight, QuantLinear
+from faircalib.errors import ConfigError
+from faircalib.models.base import Denoiser
+from faircalib.sampling import Sampling
+
+OPSET = 21
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a target runtime accepts; ``check`` refuses artifacts it cannot express faithfully."""
+
+    name: str
+    dtype: torch.dtype  # activations and scales
+    tensorrt: bool
+    weight_bits: tuple[int, ...]
+    activation_bits: tuple[int, ...]
+    symmetric_only: bool
+    block_sizes: tuple[int, ...] | None  # None: per-channel or any group size
+
+    def check(self, artifact: QuantArtifact) -> None:
+        cfg = artifact.config
+        problems = []
+        if cfg.wbits not in self.weight_bits:
+            problems.append(f"{cfg.wbits}-bit weights (it takes {self.weight_bits})")
+        if cfg.abits not in self.activation_bits:
+            problems.append(f"{cfg.abits}-bit activations (it takes {self.activation_bits})")
+        if self.symmetric_only and not cfg.w_symmetric:
+            problems.append("asymmetric weights with zero-points (it takes signed symmetric codes only)")
+        if self.block_sizes is not None and cfg.group_size not in self.block_sizes:
+            problems.append(f"group size {cfg.group_size} (it takes blocks of {self.block_sizes} along K)")
+        if problems:
+            raise ConfigError(f"profile {self.name} cannot express this {cfg.format} artifact: " + "; ".join(problems))
+
+
+PROFILES = {
+    "trt-w4a16": Profile("trt-w4a16", torch.float16, True, (4,), (16,), True, (64, 128)),
+    "ort-w4a16": Profile("ort-w4a16", torch.float32, False, (4,), (16,), False, None),
+    "ort-w4a4": Profile("ort-w4a4", torch.float32, False, (4,), (4,), False, None),
+    "ort-w4a8": Profile("ort-w4a8", torch.float32, False, (4,), (8,), False, None),
+}
+
+
+def profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ConfigError(f"unknown export profile {name!r}: choose one of {', '.join(PROFILES)}") from None
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _integer_array(codes: torch.Tensor, bits: int, signed: bool) -> np.ndarray:
+    values = codes.cpu().numpy()
+    if bits == 4:
+        return values.astype(ml_dtypes.int4 if signed else ml_dtypes.uint4)
+    return values.astype(np.int8 if signed else np.uint8)
+
+
+def quantize_weight_initializers(
+    model: onnx.ModelProto, layers: dict[str, tuple[np.ndarray, QuantizedWeight]], scale_dtype: np.dtype
+) -> int:
+    """Replace every float initializer equal to a layer's dequantized W^T by codes + DequantizeLinear.
+
+    ``layers``: key -> (the float W^T the exporter folded, the quantized weight it came from).
+    Returns how many initializers were replaced; every layer must be found exactly once.
+    """
+    graph = model.graph
+    wanted = {_digest(wt): (key, wt.shape, q) for key, (wt, q) in layers.items()}
+    if len(wanted) != len(layers):
+        raise ConfigError("two quantized layers have identical weights: cannot tell their initializers apart")
+    found: set[str] = set()
+    for init in list(graph.initializer):
+        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        value = numpy_helper.to_array(init)
+        match = wanted.get(_digest(value.astype(np.float32) if value.dtype != np.float32 else value))
+        if match is None or tuple(value.shape) != match[1]:
+            continue
+        key, _, q = match
+        if key in found:
+            raise ConfigError(f"layer {key} appears twice in the exported graph")
+        found.add(key)
+        graph.initializer.remove(init)
+        prefix = key.replace(".", "_")
+        codes = _integer_array(q.codes.T.contiguous(), q.spec.bits, q.spec.symmetric)  # [K, N]
+        inputs = [f"{prefix}_codes", f"{prefix}_scale"]
+        group = q.codes.shape[1] // q.scale.shape[1]
+        blocked = q.spec.group_size is not None  # even a single group: TensorRT takes blocked DQ only
+        scale = q.scale.T.contiguous().numpy() if blocked else q.scale[:, 0].numpy()  # [G, N] or [N]
+        new = [numpy_helper.from_array(codes, inputs[0]), numpy_helper.from_array(scale.astype(scale_dtype), inputs[1])]
+        if q.zero is not None:
+            zero = q.zero.T.contiguous() if blocked else q.zero[:, 0]
+            inputs.append(f"{prefix}_zero")
+            new.append(numpy_helper.from_array(_integer_array(zero.round(), q.spec.bits, False), inputs[2]))
+        graph.initializer.extend(new)
+        attrs = {"axis": 0, "block_size": group} if blocked else {"axis": 1}
+        node = helper.make_node("DequantizeLinear", inputs, [init.name], name=f"{prefix}_dequantize", **attrs)
+        graph.node.insert(0, node)
+    missing = sorted(set(layers) - found)
+    if missing:
+        raise ConfigError(f"the exported graph has no weight initializer for {', '.join(missing[:3])}")
+    return len(found)
+
+
+def quantized_layers(student: Denoiser) -> dict[str, tuple[np.ndarray, QuantizedWeight]]:
+    """key -> (W^T as the student multiplies it, in float32, and its quantized weight)."""
+    layers = {}
+    for index, block in enumerate(student.blocks):
+        for group in student.linear_groups():
+            for name in group:
+                layer = block.get_submodule(name)
+                if not isinstance(layer, QuantLinear):
+                    raise ConfigError(f"blocks.{index}.{name} is not quantized")
+                layers[f"blocks.{index}.{name}"] = (
+                    layer.weight.detach().float().T.contiguous().numpy(),
+                    layer.quantized,
+                )
+    return layers
+
+
+def export_student(student: Denoiser, prof: Profile, opset: int = OPSET) -> onnx.ModelProto:
+    """One forward of ``student`` (already in the profile's dtype) with quantized weight initializers."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    example = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=torch.long, device=student.device)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            student, (example,), dynamo=True, opset_version=opset, input_names=["input_ids"],
+            output_names=["logits"], dynamic_shapes={"input_ids": {0: batch, 1: seq}}, verbose=False,
+        )  # fmt: skip
+    model = program.model_proto
+    scale_dtype = np.float16 if prof.dtype == torch.float16 else np.float32
+    layers = quantized_layers(student)
+    if prof.dtype == torch.float16:  # the folded W^T initializers are fp16: match them in their own precision
+        layers = {k: (wt.astype(np.float16).astype(np.float32), q) for k, (wt, q) in layers.items()}
+    quantize_weight_initializers(model, layers, scale_dtype)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf cannot serialise 2 GB; leave headroom for the graph
+
+
+def export_bundle(
+    model_dir: str | Path,
+    artifact_dir: str | Path,
+    profile_name: str,
+    out: str | Path,
+    sampling: Sampling | None = None,
+    opset: int = OPSET,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> Path:
+    """Write ``out/``: model.onnx (+ model.onnx.data when large), schedule.json, the tokenizer files and
+    manifest.json. Built in a temporary directory and renamed into place."""
+    from faircalib import __version__
+    from faircalib.calib.artifact import replace_dir
+    from faircalib.calib.evaluate import fake_quant_student
+    from faircalib.exporter.schedule_file import write_schedule
+    from faircalib.exporter.trt_rules import check_tensorrt_int4
+    from faircalib.models import load_denoiser
+    from faircalib.models.checkpoint import write_json_atomic
+    from faircalib.sampling import sampling_from_json_dict
+
+    model_dir, out = Path(model_dir), Path(out)
+    prof = profile(profile_name)
+    artifact = QuantArtifact.load(artifact_dir)
+    artifact.check_model(model_dir)
+    prof.check(artifact)
+    if sampling is None:
+        recorded = artifact.manifest.get("sampling")
+        if recorded is None:
+            raise ConfigError("the artifact records no deployment schedule: pass the decoding settings")
+        sampling = sampling_from_json_dict(recorded)
+    student = fake_quant_student(load_denoiser(model_dir), artifact).to(prof.dtype)
+    graph = export_student(student, prof, opset)
+    if prof.tensorrt:
+        violations = check_tensorrt_int4(graph)
+        if violations:
+            raise ConfigError(f"the {prof.name} graph breaks TensorRT's int4 rules: {violations[0]}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        external = graph.ByteSize() > external_data_threshold
+        onnx.save_model(
+            graph, str(staging / "model.onnx"), save_as_external_data=external, all_tensors_to_one_file=True,
+            location="model.onnx.data", size_threshold=1024,
+        )  # fmt: skip
+        write_schedule(staging, student.spec, sampling)
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, staging / name)
+        write_json_atomic(
+            staging / "manifest.json",
+            {
+                "faircalib_version": __version__,
+                "profile": prof.name,
+                "opset": opset,
+                "external_data": external,
+                "model": artifact.manifest.get("model"),
+                "artifact": {
+                    "path": str(artifact_dir),
+                    "method": artifact.config.method,
+                    "format": artifact.config.format,
+                },
+                "inputs": {"input_ids": ["batch", "seq"]},
+                "outputs": {"logits": ["batch", "seq", student.spec.vocab_size]},
+            },
+        )
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    "tokenizer.model",
+)  # fmt: skip

@@ -1,0 +1,125 @@
+"""Export to ONNX: graph structure per profile, ONNX Runtime against the PyTorch fake-quant student,
+external data, and refusals of artifacts a profile cannot express."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from faircalib.calib.artifact import QuantArtifact
+from faircalib.calib.config import preset
+from faircalib.calib.evaluate import fake_quant_student
+from faircalib.calib.runner import run_calibration
+from faircalib.errors import ConfigError
+from faircalib.exporter.onnx_export import export_bundle
+from faircalib.exporter.schedule_file import read_schedule
+from faircalib.exporter.trt_rules import check_tensorrt_int4
+from faircalib.models import load_denoiser
+from faircalib.sampling import LLaDASampling
+
+pytestmark = pytest.mark.slow  # each export traces the model (seconds)
+
+SAMPLING = LLaDASampling(gen_length=8, block_length=8, steps=8)
+PROMPTS = torch.randint(3, 90, (4, 5), generator=torch.Generator().manual_seed(0)).tolist()
+# ORT and PyTorch sum the same float32 products in different orders: logits agree to ~1e-7 here.
+LOGIT_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    configs = {
+        "sym-g64": preset("gptq", group_size=64),
+        "asym-g16": preset("gptq", group_size=16, w_symmetric=False),
+        "quarot-a4": preset("quarot", abits=4),
+    }
+    for name, cfg in configs.items():
+        run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, root / name, quiet=True)
+    return {name: root / name for name in configs}
+
+
+def ort_session(path):
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # exact, no int8 activations
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def initializers(path):
+    model = onnx.load(str(path))
+    return {i.name: i for i in model.graph.initializer}, model
+
+
+def test_trt_w4a16_graph(tiny_dirs, artifacts, tmp_path):
+    out = export_bundle(tiny_dirs["llada"], artifacts["sym-g64"], "trt-w4a16", tmp_path / "trt")
+    inits, model = initializers(out / "model.onnx")
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 14  # 7 linears x 2 blocks
+    for node in dq:
+        assert inits[node.input[0]].data_type == onnx.TensorProto.INT4
+        assert inits[node.input[1]].data_type == onnx.TensorProto.FLOAT16
+        assert len(node.input) == 2  # no zero point
+        assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}["block_size"] == 64
+    assert check_tensorrt_int4(model) == []
+    assert read_schedule(out).sampling == SAMPLING
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["profile"] == "trt-w4a16" and manifest["opset"] == 21
+
+
+@pytest.mark.parametrize("name,profile_name", [("asym-g16", "ort-w4a16"), ("quarot-a4", "ort-w4a4")])
+def test_ort_matches_the_fake_quant_student(tiny_dirs, artifacts, tmp_path, name, profile_name):
+    out = export_bundle(tiny_dirs["llada"], artifacts[name], profile_name, tmp_path / name)
+    student = fake_quant_student(load_denoiser(tiny_dirs["llada"]), QuantArtifact.load(artifacts[name]))
+    session = ort_session(out / "model.onnx")
+    for shape in ((1, 9), (3, 17)):  # dynamic batch and sequence
+        ids = torch.randint(0, 95, shape, generator=torch.Generator().manual_seed(shape[1]))
+        got = session.run(None, {"input_ids": ids.numpy()})[0]
+        want = student(ids).detach().numpy()
+        assert np.abs(got - want).max() < LOGIT_TOLERANCE
+    if name == "asym-g16":
+        inits, model = initializers(out / "model.onnx")
+        zero_points = [n.input[2] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert zero_points and all(inits[z].data_type == onnx.TensorProto.UINT4 for z in zero_points)
+
+
+def test_external_data_for_large_weights(tiny_dirs, artifacts, tmp_path):
+    out = export_bundle(
+        tiny_dirs["llada"], artifacts["asym-g16"], "ort-w4a16", tmp_path / "ext", external_data_threshold=0
+    )
+    assert (out / "model.onnx.data").is_file()
+    assert json.loads((out / "manifest.json").read_text())["external_data"]
+    ids = torch.tensor([[5, 6, 7, 95, 95]])
+    assert ort_session(out / "model.onnx").run(None, {"input_ids": ids.numpy()})[0].shape == (1, 5, 96)
+
+
+@pytest.mark.parametrize(
+    "name,profile_name,message",
+    [
+        ("asym-g16", "trt-w4a16", "asymmetric weights"),
+        ("quarot-a4", "trt-w4a16", "4-bit activations"),
+        ("sym-g64", "ort-w4a4", "16-bit activations"),
+    ],
+)
+def test_profiles_refuse_what_they_cannot_express(tiny_dirs, artifacts, tmp_path, name, profile_name, message):
+    with pytest.raises(ConfigError, match=message):
+        export_bundle(tiny_dirs["llada"], artifacts[name], profile_name, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_profile(tiny_dirs, artifacts, tmp_path):
+    with pytest.raises(ConfigError, match="unknown export profile"):
+        export_bundle(tiny_dirs["llada"], artifacts["sym-g64"], "trt-w3a3", tmp_path / "x")
+
+
+def test_export_cli_then_check_onnx(tiny_dirs, artifacts, tmp_path, capsys):
+    from faircalib.cli import main
+
+    out = tmp_path / "bundle"
+    argv = ["export", "--model", str(tiny_dirs["llada"]), "--artifact", str(artifacts["sym-g64"]),
+            "--profile", "trt-w4a16", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["check-onnx", str(out / "model.onnx")]) == 0
+    assert main([*argv[:-2], "--out", str(tmp_path / "b2"), "--profile", "ort-w4a4"]) == 2
+    assert "cannot express" in capsys.readouterr().err
