@@ -96,24 +96,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from faircalib.sampling import generate, plan
 
-    path, model, tokenizer = _load_model(args)
-    sampling = sampling_from_args(args, model.spec)
+    if args.backend == "torch":
+        source, model, tokenizer = _load_model(args)
+        denoise, spec = model, model.spec
+        sampling = sampling_from_args(args, spec)
+    else:
+        from faircalib.exporter.schedule_file import read_schedule
+        from faircalib.models import load_tokenizer
+        from faircalib.runtime.backends import OrtBackend
+
+        if args.onnx is None:
+            raise ConfigError(f"--backend {args.backend} needs --onnx BUNDLE_DIR")
+        exported = read_schedule(args.onnx)
+        source, spec, tokenizer = args.onnx, exported.spec, load_tokenizer(args.onnx)
+        denoise = OrtBackend(args.onnx)
+        sampling = sampling_from_args(args, spec, exported.sampling)  # the graph is one forward: any plan runs
     prompt_ids = prompt_from_args(args, tokenizer)
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=args.device)
     schedule = plan(sampling, len(prompt_ids))
     with tqdm(total=len(schedule.steps), desc="denoising", unit="step", disable=args.quiet, file=sys.stderr) as bar:
 
-        def denoise(tokens: torch.Tensor) -> torch.Tensor:
+        def counted(tokens: torch.Tensor) -> torch.Tensor:
             bar.update(1)
-            return model(tokens)
+            return denoise(tokens)
 
-        result = generate(denoise, prompt, sampling, model.spec, seed=args.seed, schedule=schedule)
+        result = generate(counted, prompt, sampling, spec, seed=args.seed, schedule=schedule)
     generated = result.generated[0].tolist()
     text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else None
     if args.json:
         payload = {
-            "model": str(path),
-            "family": model.spec.family,
+            "model": str(source),
+            "backend": args.backend,
+            "family": spec.family,
             "sampling": sampling.to_json_dict(),
             "seed": args.seed,
             "prompt_ids": prompt_ids,
@@ -203,16 +217,35 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from faircalib.calib.artifact import QuantArtifact
+    from faircalib.calib.artifact import QuantArtifact, model_fingerprint
     from faircalib.calib.evaluate import fake_quant_student, parity_report
     from faircalib.sampling import sampling_from_json_dict
+    from faircalib.sampling.metrics import decision_agreement, teacher_runs
     from faircalib.zoo import wiki
 
     path, teacher, tokenizer = _load_model(args)
-    artifact = QuantArtifact.load(args.artifact)
-    artifact.check_model(path)
-    recorded = artifact.manifest.get("sampling")
-    sampling = sampling_from_args(args, teacher.spec, sampling_from_json_dict(recorded) if recorded else None)
+    artifact = None
+    if args.artifact is not None:
+        artifact = QuantArtifact.load(args.artifact)
+        artifact.check_model(path)
+    if args.backend == "torch":
+        if artifact is None:
+            raise ConfigError("--backend torch compares the fake-quant student of an --artifact")
+        recorded = artifact.manifest.get("sampling")
+        base = sampling_from_json_dict(recorded) if recorded else None
+        student = fake_quant_student(teacher, artifact)
+    else:
+        from faircalib.exporter.schedule_file import read_schedule
+        from faircalib.runtime.backends import OrtBackend, bundle_manifest
+
+        if args.onnx is None:
+            raise ConfigError(f"--backend {args.backend} needs --onnx BUNDLE_DIR")
+        made_for = (bundle_manifest(args.onnx).get("model") or {}).get("fingerprint")
+        if made_for is not None and made_for != model_fingerprint(path):
+            raise ConfigError(f"{args.onnx} was exported from another checkpoint than {path}")
+        base = read_schedule(args.onnx).sampling
+        student = OrtBackend(args.onnx)
+    sampling = sampling_from_args(args, teacher.spec, base)
     nll_windows = None
     if args.prompts is not None:
         prompts = read_prompt_file(args.prompts, tokenizer, args.n_prompts)
@@ -221,11 +254,16 @@ def cmd_parity(args: argparse.Namespace) -> int:
         nll_windows = wiki.text_windows(tokenizer, "eval", args.n_prompts, args.prompt_tokens + sampling.gen_length)
     else:
         raise ConfigError("this model has no tokenizer: pass --prompts with prompts it can read")
-    student = fake_quant_student(teacher, artifact)
+    references = teacher_runs(teacher, prompts, sampling, teacher.spec, batch_size=args.batch_size)
     report = parity_report(
-        teacher, student, prompts, sampling, nll_windows=nll_windows, batch_size=args.batch_size, quiet=args.quiet
+        teacher, student, prompts, sampling, nll_windows=nll_windows, quiet=args.quiet, references=references
     )
-    report.update(method=artifact.config.method, format=artifact.config.format, artifact=str(args.artifact))
+    report["backend"] = args.backend
+    if artifact is not None:
+        report.update(method=artifact.config.method, format=artifact.config.format, artifact=str(args.artifact))
+        if args.backend != "torch":  # the exported student against the PyTorch one it was exported from
+            torch_student = fake_quant_student(teacher, artifact)
+            report["vs_fake_quant"] = decision_agreement(student, torch_student, references, sampling, teacher.spec)
     if args.json:
         print(json.dumps(report))
     else:
@@ -233,6 +271,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
                      "teacher_divergence", "exact_match", "masked_nll_fp", "masked_nll_q"):  # fmt: skip
             value = report.get(name)
             print(f"{name:26s} {value:.4f}" if isinstance(value, float) else f"{name:26s} {value}")
+        if "vs_fake_quant" in report:
+            print(f"{'agreement_vs_fake_quant':26s} {report['vs_fake_quant']['decision_agreement']:.4f}")
     return 0
 
 
@@ -281,8 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faircalib", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    gen = verbs.add_parser("generate", help="generate with the full-precision model")
+    gen = verbs.add_parser("generate", help="generate with the full-precision model or an exported bundle")
     _add_model_args(gen)
+    gen.add_argument("--backend", choices=("torch", "ort"), default="torch")
+    gen.add_argument("--onnx", type=Path, help="exported bundle directory (ort backend)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs tokenizer files in the model directory)")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
@@ -307,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     par = verbs.add_parser("parity", help="decision parity of a calibrated student against the FP teacher")
     _add_model_args(par)
-    par.add_argument("--artifact", type=Path, required=True)
+    par.add_argument("--backend", choices=("torch", "ort"), default="torch")
+    par.add_argument("--artifact", type=Path, help="the calibrated student (torch backend), or its source (ort)")
+    par.add_argument("--onnx", type=Path, help="exported bundle directory (ort backend)")
     par.add_argument("--prompts", type=Path, help="one prompt per line (default: Wikipedia eval split)")
     par.add_argument("--n-prompts", type=int, default=64)
     par.add_argument("--prompt-tokens", type=int, default=16)

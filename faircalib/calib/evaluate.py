@@ -12,7 +12,7 @@ from tqdm import tqdm
 from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.pipeline import apply_quantization
 from faircalib.models.base import Denoiser
-from faircalib.sampling import Sampling
+from faircalib.sampling import Denoise, Sampling
 from faircalib.sampling.metrics import evaluate_parity, masked_nll, teacher_runs
 
 
@@ -26,7 +26,7 @@ def fake_quant_student(teacher: Denoiser, artifact: QuantArtifact) -> Denoiser:
 @torch.no_grad()
 def parity_report(
     teacher: Denoiser,
-    student: Denoiser,
+    student: Denoise,
     prompts: Sequence[Sequence[int]],
     sampling: Sampling,
     *,
@@ -36,7 +36,8 @@ def parity_report(
     references: list | None = None,
     nll_fp: float | None = None,
 ) -> dict:
-    """Every metric of DESIGN.md section 5 for ``student`` against ``teacher`` on ``prompts``.
+    """Every metric of DESIGN.md section 5 for ``student`` (any denoise callable: a fake-quant model, an
+    ONNX Runtime or TensorRT backend) against ``teacher`` on ``prompts``.
 
     ``references`` (from ``teacher_runs``) and ``nll_fp`` skip recomputing the teacher's side when many
     students are compared with one teacher.
@@ -51,6 +52,6 @@ def parity_report(
     if nll_windows is not None:
         windows = nll_windows.to(teacher.device)
         report["masked_nll_fp"] = nll_fp if nll_fp is not None else masked_nll(teacher, windows, teacher.spec)
-        report["masked_nll_q"] = masked_nll(student, windows, student.spec)
+        report["masked_nll_q"] = masked_nll(student, windows, teacher.spec)
     report["sampling"] = sampling.to_json_dict()
     return report

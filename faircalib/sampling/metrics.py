@@ -202,3 +202,33 @@ def evaluate_parity(
         if on_batch is not None:
             on_batch(prompt.shape[0])
     return tally
+
+
+@torch.no_grad()
+def decision_agreement(
+    student_a: Denoise,
+    student_b: Denoise,
+    references: list[tuple[Schedule, GenerationResult]],
+    sampling: Sampling,
+    spec: DenoiserSpec,
+) -> dict[str, float | int]:
+    """How often two students make the same committed decision at the teacher's states: the fraction of
+    A's commits that B also commits at that step with the same token (and the token-only agreement)."""
+    if not is_deterministic(sampling):
+        raise ConfigError("decision agreement needs a deterministic schedule (temperature 0, no random remasking)")
+    commits = same_decisions = same_tokens = 0
+    for schedule, reference in references:
+        for index, record in enumerate(reference.trajectory.steps):
+            step = schedule.steps[index]
+            a = decide(step_logits(student_a, record.tokens, reference.prompt_length, sampling, spec),
+                       record.tokens, index, step, reference.prompt_length, sampling, spec)  # fmt: skip
+            b = decide(step_logits(student_b, record.tokens, reference.prompt_length, sampling, spec),
+                       record.tokens, index, step, reference.prompt_length, sampling, spec)  # fmt: skip
+            commits += int(a.committed.sum())
+            same_decisions += int((a.committed & b.committed & (a.candidates == b.candidates)).sum())
+            same_tokens += int((a.committed & (a.candidates == b.candidates)).sum())
+    return {
+        "committed_decisions": commits,
+        "decision_agreement": same_decisions / commits if commits else float("nan"),
+        "token_agreement": same_tokens / commits if commits else float("nan"),
+    }

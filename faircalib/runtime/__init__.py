@@ -1,0 +1,1 @@
+"""Backends that run one denoiser forward (torch, ONNX Runtime, TensorRT) and the unmasking driver."""
