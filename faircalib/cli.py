@@ -103,13 +103,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         from faircalib.exporter.schedule_file import read_schedule
         from faircalib.models import load_tokenizer
-        from faircalib.runtime.backends import OrtBackend
 
-        if args.onnx is None:
-            raise ConfigError(f"--backend {args.backend} needs --onnx BUNDLE_DIR")
+        denoise = student_backend(args.backend, args.onnx)
         exported = read_schedule(args.onnx)
         source, spec, tokenizer = args.onnx, exported.spec, load_tokenizer(args.onnx)
-        denoise = OrtBackend(args.onnx)
         sampling = sampling_from_args(args, spec, exported.sampling)  # the graph is one forward: any plan runs
     prompt_ids = prompt_from_args(args, tokenizer)
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=args.device)
@@ -236,15 +233,13 @@ def cmd_parity(args: argparse.Namespace) -> int:
         student = fake_quant_student(teacher, artifact)
     else:
         from faircalib.exporter.schedule_file import read_schedule
-        from faircalib.runtime.backends import OrtBackend, bundle_manifest
+        from faircalib.runtime.backends import bundle_manifest
 
-        if args.onnx is None:
-            raise ConfigError(f"--backend {args.backend} needs --onnx BUNDLE_DIR")
+        student = student_backend(args.backend, args.onnx)
         made_for = (bundle_manifest(args.onnx).get("model") or {}).get("fingerprint")
         if made_for is not None and made_for != model_fingerprint(path):
             raise ConfigError(f"{args.onnx} was exported from another checkpoint than {path}")
         base = read_schedule(args.onnx).sampling
-        student = OrtBackend(args.onnx)
     sampling = sampling_from_args(args, teacher.spec, base)
     nll_windows = None
     if args.prompts is not None:
@@ -305,6 +300,29 @@ def _default_model() -> Path:
     return model_dir()
 
 
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from faircalib.runtime.tensorrt import EngineConfig, build_engine
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    cfg = EngineConfig(**{k: v for k, v in fields.items() if v is not None})
+    out = build_engine(args.onnx, args.out, cfg)
+    print(f"wrote {out}/model.engine", file=sys.stderr)
+    return 0
+
+
+def student_backend(kind: str, bundle: Path | None):
+    """The exported student of a bundle on ONNX Runtime or TensorRT."""
+    if bundle is None:
+        raise ConfigError(f"--backend {kind} needs --onnx BUNDLE_DIR (an export, or an engine directory for trt)")
+    if kind == "trt":
+        from faircalib.runtime.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(bundle)
+    from faircalib.runtime.backends import OrtBackend
+
+    return OrtBackend(bundle)
+
+
 def cmd_check_onnx(args: argparse.Namespace) -> int:
     from faircalib.exporter.trt_rules import check_tensorrt_int4
 
@@ -323,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = verbs.add_parser("generate", help="generate with the full-precision model or an exported bundle")
     _add_model_args(gen)
-    gen.add_argument("--backend", choices=("torch", "ort"), default="torch")
-    gen.add_argument("--onnx", type=Path, help="exported bundle directory (ort backend)")
+    gen.add_argument("--backend", choices=("torch", "ort", "trt"), default="torch")
+    gen.add_argument("--onnx", type=Path, help="exported bundle (ort) or engine directory (trt)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs tokenizer files in the model directory)")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
@@ -349,9 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     par = verbs.add_parser("parity", help="decision parity of a calibrated student against the FP teacher")
     _add_model_args(par)
-    par.add_argument("--backend", choices=("torch", "ort"), default="torch")
+    par.add_argument("--backend", choices=("torch", "ort", "trt"), default="torch")
     par.add_argument("--artifact", type=Path, help="the calibrated student (torch backend), or its source (ort)")
-    par.add_argument("--onnx", type=Path, help="exported bundle directory (ort backend)")
+    par.add_argument("--onnx", type=Path, help="exported bundle (ort) or engine directory (trt)")
     par.add_argument("--prompts", type=Path, help="one prompt per line (default: Wikipedia eval split)")
     par.add_argument("--n-prompts", type=int, default=64)
     par.add_argument("--prompt-tokens", type=int, default=16)
@@ -377,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, default=OPSET)
     _add_sampling_args(exp)
     exp.set_defaults(run=cmd_export)
+
+    from faircalib.runtime.tensorrt import EngineConfig
+
+    eng = verbs.add_parser("build-engine", help="build a TensorRT engine from an exported bundle (needs a GPU)")
+    eng.add_argument("--onnx", type=Path, required=True, help="exported bundle directory")
+    eng.add_argument("--out", type=Path, required=True, help="engine directory to write")
+    add_dataclass_args(eng, EngineConfig)
+    eng.set_defaults(run=cmd_build_engine)
 
     check = verbs.add_parser("check-onnx", help="check an ONNX file against TensorRT's int4 weight-only rules")
     check.add_argument("onnx", type=Path)
