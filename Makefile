@@ -35,8 +35,22 @@ format: install
 	$(BIN)/ruff format faircalib tests
 	$(BIN)/ruff check --fix faircalib tests
 
+# The whole pipeline on the bundled model: full-precision text, FAIR-Calib W4A4, export, the unmasking loop
+# on ONNX Runtime, and the parity report of the exported student (a few minutes on 2 CPU cores).
+DEMO     ?= runs/demo
+SCHEDULE := --gen-length 32 --block-length 8 --steps 32
 demo: install
-	$(BIN)/faircalib generate --model $(MODEL) --prompt "$(PROMPT)" --gen-length 48 --block-length 16 --steps 48
+	@echo "== full-precision teacher"
+	$(BIN)/faircalib generate --model $(MODEL) --prompt "$(PROMPT)" $(SCHEDULE) --quiet
+	@echo "== FAIR-Calib, W4A4 (rotated), calibrated on the teacher's own trajectories"
+	$(BIN)/faircalib calibrate --model $(MODEL) --method fair --wbits 4 --abits 4 $(SCHEDULE) \
+		--n-prompts 16 --recon-steps 100 --out $(DEMO)/fair-w4a4
+	@echo "== export (ONNX, INT4 weights, per-token int4 activations) and decode on ONNX Runtime"
+	$(BIN)/faircalib export --model $(MODEL) --artifact $(DEMO)/fair-w4a4 --profile ort-w4a4 --out $(DEMO)/bundle
+	$(BIN)/faircalib generate --backend ort --onnx $(DEMO)/bundle --prompt "$(PROMPT)" --quiet
+	@echo "== parity of the exported student against the teacher (and the PyTorch fake-quant student)"
+	$(BIN)/faircalib parity --model $(MODEL) --backend ort --onnx $(DEMO)/bundle --artifact $(DEMO)/fair-w4a4 \
+		--n-prompts 32 --quiet
 
 # Every calibration method x format x seed on the bundled model (hours on 2 CPU cores); see docs/RESULTS.md.
 BENCH_FLAGS ?=
