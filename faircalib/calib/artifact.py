@@ -24,6 +24,7 @@ from faircalib.calib.config import QuantConfig
 from faircalib.calib.linear import QuantizedWeight
 from faircalib.calib.quant import pack_int4, unpack_int4
 from faircalib.errors import CheckpointError, ConfigError
+from faircalib.models.checkpoint import read_json_object
 
 ARTIFACT_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -105,10 +106,7 @@ class QuantArtifact:
         path = Path(path)
         if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
             raise CheckpointError(f"{path} is not a faircalib artifact (no {MANIFEST} / {TENSORS})")
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path / MANIFEST} is not valid JSON: {err}") from None
+        manifest = read_json_object(path / MANIFEST)
         version = manifest.get("format_version")
         if version != ARTIFACT_FORMAT:
             raise CheckpointError(f"{path}: artifact format {version!r}, this faircalib reads {ARTIFACT_FORMAT}")

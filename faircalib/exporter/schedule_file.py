@@ -9,14 +9,13 @@ stale file is an error, not a silently different decoder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from faircalib.errors import CheckpointError
 from faircalib.models.base import DenoiserSpec
-from faircalib.models.checkpoint import write_json_atomic
+from faircalib.models.checkpoint import read_json_object, write_json_atomic
 from faircalib.sampling import Sampling, Schedule, ScheduleStep, plan, sampling_from_json_dict
 
 SCHEDULE_FILE = "schedule.json"
@@ -66,10 +65,7 @@ def read_schedule(path: str | Path) -> ExportedSchedule:
         path = path / SCHEDULE_FILE
     if not path.is_file():
         raise CheckpointError(f"no {SCHEDULE_FILE} at {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    data = read_json_object(path)
     if data.get("format_version") != SCHEDULE_FORMAT:
         raise CheckpointError(f"{path}: schedule format {data.get('format_version')!r}, expected {SCHEDULE_FORMAT}")
     try:

@@ -24,6 +24,17 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, with errors that name the file."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return value
+
+
 def read_config(model_dir: Path) -> dict[str, Any]:
     """Parse ``model_dir/config.json`` with errors that name the path."""
     if not model_dir.exists():
@@ -33,13 +44,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json: is this a model directory?")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} must hold a JSON object")
-    return config
+    return read_json_object(config_path)
 
 
 @dataclass(frozen=True)

@@ -70,15 +70,7 @@ def text_windows(tokenizer, split: Split, n: int, length: int) -> torch.Tensor:
     """[n, length] int64: the opening ``length`` tokens of articles at least that long (plain text)."""
     import torch
 
-    from faircalib.models.tokenizer import encode_prompt
-
-    windows = []
-    for _, text in load_articles(split):
-        ids = encode_prompt(tokenizer, text)
-        if len(ids) >= length:
-            windows.append(ids[:length])
-        if len(windows) == n:
-            break
+    windows = prompt_ids(tokenizer, split, n, length)
     if not windows:
         raise FaircalibError(f"no {split} article has {length} tokens")
     return torch.tensor(windows, dtype=torch.long)
