@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     log["steps_done"] = step + 1
     log["train_minutes"] = (time.time() - start) / 60
     save(model, tokenizer, args.out, log)
+    from faircalib.models import load_denoiser
+    from faircalib.zoo.card import greedy_samples, write_model_card
+
+    shipped = load_denoiser(args.out)  # the bf16 checkpoint as saved, through the real loader
+    write_model_card(args.out, log, greedy_samples(shipped, tokenizer))
 
 
 if __name__ == "__main__":
