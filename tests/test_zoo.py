@@ -50,5 +50,6 @@ def test_greedy_generation_writes_english_words():
     text = tokenizer.decode(generate(model, prompt, sampling, model.spec).generated[0], skip_special_tokens=True)
     words = re.findall(r"[A-Za-z]+", text)
     assert len(words) >= 8, text
+    assert len({w.lower() for w in words}) >= 5, text  # "the the the" is English words, but not English
     known = sum(word.lower() in vocabulary for word in words)
     assert known / len(words) >= 0.9, text

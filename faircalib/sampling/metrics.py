@@ -20,8 +20,8 @@ from faircalib.models.base import DenoiserSpec
 from faircalib.sampling.config import Sampling
 from faircalib.sampling.dream import shift_logits
 from faircalib.sampling.llada import Denoise
-from faircalib.sampling.loop import decide, is_deterministic, step_logits
-from faircalib.sampling.schedule import Schedule
+from faircalib.sampling.loop import decide, generate, is_deterministic, step_logits
+from faircalib.sampling.schedule import Schedule, plan
 from faircalib.sampling.trajectory import GenerationResult
 
 TEACHER_FORCED = ("teacher_commits", "flips", "set_misses", "student_commits", "write_errors")
@@ -167,9 +167,6 @@ def teacher_runs(
 ) -> list[tuple[Schedule, GenerationResult]]:
     """The teacher's recorded runs, prompts batched by length (each batch shares one schedule). Computed
     once, they serve every student compared against this teacher."""
-    from faircalib.sampling.loop import generate
-    from faircalib.sampling.schedule import plan
-
     by_length: dict[int, list[list[int]]] = {}
     for prompt in prompts:
         by_length.setdefault(len(prompt), []).append(list(prompt))
@@ -192,8 +189,6 @@ def evaluate_parity(
 ) -> ParityTally:
     """The student's recorded rollout of every reference batch, teacher-forced and free-running counts
     pooled into one tally."""
-    from faircalib.sampling.loop import generate
-
     tally = ParityTally()
     for schedule, reference in references:
         prompt = reference.tokens[:, : reference.prompt_length]
