@@ -323,6 +323,32 @@ def student_backend(kind: str, bundle: Path | None):
     return OrtBackend(bundle)
 
 
+def cmd_latency(args: argparse.Namespace) -> int:
+    from faircalib.models import load_denoiser, parse_dtype
+    from faircalib.runtime.backends import OrtBackend, TorchBackend, bundle_manifest
+    from faircalib.runtime.latency import step_latency
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.model if args.model is not None else _default_model()
+    model = load_denoiser(path, parse_dtype(args.dtype), args.device)
+    backends = [("torch-" + args.dtype, TorchBackend(model))]
+    for bundle in args.onnx or []:
+        backends.append((bundle_manifest(bundle)["profile"], OrtBackend(bundle, threads=args.threads)))
+    rows = []
+    for name, backend in backends:
+        row = {
+            "backend": name,
+            **step_latency(backend, args.batch, args.seq, model.spec.vocab_size, repeats=args.repeats),
+        }
+        rows.append(row)
+        print(f"{name:14s} batch {args.batch} seq {args.seq}: {row['median_ms']:.2f} ms (p90 {row['p90_ms']:.2f})")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": str(path), "threads": args.threads, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
 def cmd_check_onnx(args: argparse.Namespace) -> int:
     from faircalib.exporter.trt_rules import check_tensorrt_int4
 
@@ -389,12 +415,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = verbs.add_parser("export", help="write the deployable bundle: QDQ ONNX + schedule.json + tokenizer")
     exp.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the bundled model)")
-    exp.add_argument("--artifact", type=Path, required=True)
+    exp.add_argument("--artifact", type=Path, help="calibrated student to export (not for ort-fp32)")
     exp.add_argument("--profile", choices=tuple(PROFILES), required=True)
     exp.add_argument("--out", type=Path, required=True)
     exp.add_argument("--opset", type=int, default=OPSET)
     _add_sampling_args(exp)
     exp.set_defaults(run=cmd_export)
+
+    lat = verbs.add_parser("latency", help="per-step latency of the FP model and exported bundles")
+    _add_model_args(lat)
+    lat.add_argument("--onnx", type=Path, nargs="*", help="exported bundle directories (ONNX Runtime)")
+    lat.add_argument("--batch", type=int, default=1)
+    lat.add_argument("--seq", type=int, default=48)
+    lat.add_argument("--repeats", type=int, default=20)
+    lat.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the library default)")
+    lat.add_argument("--out", type=Path, help="write the rows as JSON")
+    lat.set_defaults(run=cmd_latency)
 
     from faircalib.runtime.tensorrt import EngineConfig
 

@@ -169,3 +169,22 @@ def test_exported_w4a4_student_makes_the_fake_quant_students_decisions(tiny_dirs
         abs(report["frontier_flip_rate"] - parity_report(teacher, student, prompts, SAMPLING)["frontier_flip_rate"])
         < 0.02
     )
+
+
+def test_fp32_export_and_latency(tiny_dirs, artifacts, tmp_path, capsys):
+    from faircalib.cli import main
+    from faircalib.runtime.backends import OrtBackend
+
+    out = export_bundle(tiny_dirs["llada"], None, "ort-fp32", tmp_path / "fp32")
+    teacher = load_denoiser(tiny_dirs["llada"])
+    ids = torch.tensor([[5, 6, 7, 95, 95, 95]])
+    assert np.abs(OrtBackend(out)(ids).numpy() - teacher(ids).detach().numpy()).max() < LOGIT_TOLERANCE
+    with pytest.raises(ConfigError, match="drop the artifact"):
+        export_bundle(tiny_dirs["llada"], artifacts["sym-g64"], "ort-fp32", tmp_path / "x")
+    with pytest.raises(ConfigError, match="give its artifact"):
+        export_bundle(tiny_dirs["llada"], None, "ort-w4a16", tmp_path / "x")
+    report = tmp_path / "latency.json"
+    argv = ["latency", "--model", str(tiny_dirs["llada"]), "--onnx", str(out), "--repeats", "3", "--out", str(report)]
+    assert main(argv) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["torch-fp32", "ort-fp32"] and all(r["median_ms"] > 0 for r in rows)

@@ -25,11 +25,17 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from faircalib.calib.artifact import QuantArtifact
+from faircalib import __version__
+from faircalib.calib.artifact import QuantArtifact, model_fingerprint, replace_dir
+from faircalib.calib.evaluate import fake_quant_student
 from faircalib.calib.linear import QuantizedWeight, QuantLinear
 from faircalib.errors import ConfigError
+from faircalib.exporter.schedule_file import write_schedule
+from faircalib.exporter.trt_rules import check_tensorrt_int4
+from faircalib.models import load_denoiser
 from faircalib.models.base import Denoiser
-from faircalib.sampling import Sampling
+from faircalib.models.checkpoint import write_json_atomic
+from faircalib.sampling import Sampling, default_sampling, sampling_from_json_dict
 
 OPSET = 21
 
@@ -45,8 +51,15 @@ class Profile:
     activation_bits: tuple[int, ...]
     symmetric_only: bool
     block_sizes: tuple[int, ...] | None  # None: per-channel or any group size
+    quantized: bool = True  # False: the full-precision teacher, the reference for speed
 
-    def check(self, artifact: QuantArtifact) -> None:
+    def check(self, artifact: QuantArtifact | None) -> None:
+        if not self.quantized:
+            if artifact is not None:
+                raise ConfigError(f"profile {self.name} exports the full-precision model: drop the artifact")
+            return
+        if artifact is None:
+            raise ConfigError(f"profile {self.name} exports a calibrated student: give its artifact")
         cfg = artifact.config
         problems = []
         if cfg.wbits not in self.weight_bits:
@@ -66,6 +79,7 @@ PROFILES = {
     "ort-w4a16": Profile("ort-w4a16", torch.float32, False, (4,), (16,), False, None),
     "ort-w4a4": Profile("ort-w4a4", torch.float32, False, (4,), (4,), False, None),
     "ort-w4a8": Profile("ort-w4a8", torch.float32, False, (4,), (8,), False, None),
+    "ort-fp32": Profile("ort-fp32", torch.float32, False, (), (), False, None, quantized=False),
 }
 
 
@@ -160,6 +174,9 @@ def export_student(student: Denoiser, prof: Profile, opset: int = OPSET) -> onnx
             output_names=["logits"], dynamic_shapes={"input_ids": {0: batch, 1: seq}}, verbose=False,
         )  # fmt: skip
     model = program.model_proto
+    if not prof.quantized:
+        onnx.checker.check_model(model, full_check=True)
+        return model
     scale_dtype = np.float16 if prof.dtype == torch.float16 else np.float32
     layers = quantized_layers(student)
     if prof.dtype == torch.float16:  # the folded W^T initializers are fp16: match them in their own precision
@@ -174,7 +191,7 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf cannot serialise 2 GB; leave
 
 def export_bundle(
     model_dir: str | Path,
-    artifact_dir: str | Path,
+    artifact_dir: str | Path | None,
     profile_name: str,
     out: str | Path,
     sampling: Sampling | None = None,
@@ -183,26 +200,25 @@ def export_bundle(
 ) -> Path:
     """Write ``out/``: model.onnx (+ model.onnx.data when large), schedule.json, the tokenizer files and
     manifest.json. Built in a temporary directory and renamed into place."""
-    from faircalib import __version__
-    from faircalib.calib.artifact import replace_dir
-    from faircalib.calib.evaluate import fake_quant_student
-    from faircalib.exporter.schedule_file import write_schedule
-    from faircalib.exporter.trt_rules import check_tensorrt_int4
-    from faircalib.models import load_denoiser
-    from faircalib.models.checkpoint import write_json_atomic
-    from faircalib.sampling import sampling_from_json_dict
-
     model_dir, out = Path(model_dir), Path(out)
     prof = profile(profile_name)
-    artifact = QuantArtifact.load(artifact_dir)
-    artifact.check_model(model_dir)
+    artifact = QuantArtifact.load(artifact_dir) if artifact_dir is not None else None
     prof.check(artifact)
-    if sampling is None:
-        recorded = artifact.manifest.get("sampling")
-        if recorded is None:
-            raise ConfigError("the artifact records no deployment schedule: pass the decoding settings")
-        sampling = sampling_from_json_dict(recorded)
-    student = fake_quant_student(load_denoiser(model_dir), artifact).to(prof.dtype)
+    teacher = load_denoiser(model_dir)
+    if artifact is None:
+        student = teacher
+        sampling = sampling or default_sampling(teacher.spec)
+        made_from = {"path": str(model_dir), "fingerprint": model_fingerprint(model_dir)}
+    else:
+        artifact.check_model(model_dir)
+        if sampling is None:
+            recorded = artifact.manifest.get("sampling")
+            if recorded is None:
+                raise ConfigError("the artifact records no deployment schedule: pass the decoding settings")
+            sampling = sampling_from_json_dict(recorded)
+        student = fake_quant_student(teacher, artifact)
+        made_from = artifact.manifest.get("model")
+    student = student.to(prof.dtype)
     graph = export_student(student, prof, opset)
     if prof.tensorrt:
         violations = check_tensorrt_int4(graph)
@@ -228,12 +244,10 @@ def export_bundle(
                 "profile": prof.name,
                 "opset": opset,
                 "external_data": external,
-                "model": artifact.manifest.get("model"),
-                "artifact": {
-                    "path": str(artifact_dir),
-                    "method": artifact.config.method,
-                    "format": artifact.config.format,
-                },
+                "model": made_from,
+                "artifact": None
+                if artifact is None
+                else {"path": str(artifact_dir), "method": artifact.config.method, "format": artifact.config.format},
                 "inputs": {"input_ids": ["batch", "seq"]},
                 "outputs": {"logits": ["batch", "seq", student.spec.vocab_size]},
             },
