@@ -67,7 +67,7 @@ The best constant predictor (always the most frequent training token) scores {lo
 
 ## Samples
 
-Greedy low-confidence decoding of 32 new tokens (one block, 32 steps):
+Greedy low-confidence decoding of 32 new tokens (one block, 32 steps), unedited:
 
 {sample_lines}
 
