@@ -52,6 +52,9 @@ class BenchConfig:
     steps: int = 32
     out: str = "runs/bench"
     extra_flags: tuple[str, ...] = field(default_factory=tuple)
+    # Re-measure parity on the artifacts of an earlier run in ``out``, keeping its calibration time and
+    # memory (after a metric changes, without recalibrating).
+    reuse_artifacts: bool = False
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS] + [f for f in self.formats if f not in FORMATS]
@@ -80,6 +83,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     calib_texts = [text for _, text in wiki.load_articles("calib")]
     references = teacher_runs(teacher, eval_prompts, sampling, teacher.spec)
     nll_fp = masked_nll(teacher, nll_windows, teacher.spec)
+    earlier = {}
+    if cfg.reuse_artifacts and (out / "results.json").is_file():
+        for row in json.loads((out / "results.json").read_text())["runs"]:
+            earlier[(row["method"], row["format"], row["seed"])] = row
     rows = []
     for seed in cfg.seeds:
         prompts_file = out / f"calib_prompts_seed{seed}.txt"
@@ -98,7 +105,11 @@ def run_bench(cfg: BenchConfig) -> dict:
                     "--steps", str(cfg.steps), "--out", str(artifact), "--quiet", *cfg.extra_flags,
                 ]  # fmt: skip
                 (out / "logs").mkdir(exist_ok=True)
-                seconds, peak_mb, code = run_calibration_process(cmd, out / "logs" / f"{name}.log")
+                previous = earlier.get((method, fmt, seed))
+                if previous is not None and "error" not in previous and (artifact / "manifest.json").is_file():
+                    seconds, peak_mb, code = previous["calib_seconds"], previous["peak_rss_mb"], 0
+                else:
+                    seconds, peak_mb, code = run_calibration_process(cmd, out / "logs" / f"{name}.log")
                 row = {"method": method, "format": fmt, "seed": seed, "calib_seconds": seconds, "peak_rss_mb": peak_mb}
                 if code != 0:
                     row["error"] = (out / "logs" / f"{name}.log").read_text().strip().splitlines()[-1]
