@@ -44,6 +44,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eps", type=float, help="Dream only: final timestep")
 
 
+DEFAULT_PROMPT_TOKENS = 16
+
 _LLADA_ONLY = ("block_length", "remasking", "cfg_scale", "logits_eos_inf", "confidence_eos_eot_inf")
 _DREAM_ONLY = ("alg", "alg_temp", "top_p", "top_k", "eps")
 
@@ -184,22 +186,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = preset(args.method, **fields)
     sampling = sampling_from_args(args, model.spec)
     windows, source = None, {}
+    prompt_tokens = args.prompt_tokens or DEFAULT_PROMPT_TOKENS
     if args.calib_prompts is not None:
         prompts = read_prompt_file(args.calib_prompts, tokenizer, cfg.n_prompts)
         source = {"source": str(args.calib_prompts)}
         if cfg.states == "text":
-            length = args.prompt_tokens + sampling.gen_length
+            length = prompt_tokens + sampling.gen_length
             long_enough = [p[:length] for p in prompts if len(p) >= length]
             if not long_enough:
                 raise ConfigError(f"no line of {args.calib_prompts} has {length} tokens for text calibration")
             windows = torch.tensor(long_enough, dtype=torch.long)
+        if args.prompt_tokens is not None:  # lines may be whole documents: take their openings
+            prompts = [p[: args.prompt_tokens] for p in prompts]
+            source["prompt_tokens"] = args.prompt_tokens
     else:
         if tokenizer is None:
             raise ConfigError("this model has no tokenizer: pass --calib-prompts with prompts it can read")
-        prompts = wiki.prompt_ids(tokenizer, "calib", cfg.n_prompts, args.prompt_tokens)
-        source = {"source": "wikipedia leads, calib split", "prompt_tokens": args.prompt_tokens}
+        prompts = wiki.prompt_ids(tokenizer, "calib", cfg.n_prompts, prompt_tokens)
+        source = {"source": "wikipedia leads, calib split", "prompt_tokens": prompt_tokens}
         if cfg.states == "text":
-            windows = wiki.text_windows(tokenizer, "calib", cfg.n_prompts, args.prompt_tokens + sampling.gen_length)
+            windows = wiki.text_windows(tokenizer, "calib", cfg.n_prompts, prompt_tokens + sampling.gen_length)
     artifact = run_calibration(
         path, cfg, sampling, prompts, args.out, text_windows=windows, data_description=source, quiet=args.quiet,
         model=model,
@@ -384,7 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(cal)
     cal.add_argument("--method", choices=METHODS, default="fair")
     cal.add_argument("--calib-prompts", type=Path, help="one prompt per line (default: Wikipedia calib split)")
-    cal.add_argument("--prompt-tokens", type=int, default=16, help="prompt length taken from the default data")
+    cal.add_argument(
+        "--prompt-tokens",
+        type=int,
+        help=f"prompt length: the openings of the default data (default {DEFAULT_PROMPT_TOKENS}), or of each line of "
+        "--calib-prompts when given",
+    )
     cal.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     cal.add_argument("--quiet", action="store_true")
     add_dataclass_args(cal.add_argument_group("quantization (defaults: the method's preset)"), QuantConfig, ("method",))

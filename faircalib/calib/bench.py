@@ -23,6 +23,7 @@ from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.config import FORMATS, METHODS
 from faircalib.calib.evaluate import fake_quant_student, parity_report
 from faircalib.models import load_denoiser, load_tokenizer
+from faircalib.models.tokenizer import encode_prompt
 from faircalib.sampling import LLaDASampling
 from faircalib.sampling.metrics import masked_nll, teacher_runs
 from faircalib.zoo import model_dir, wiki
@@ -80,7 +81,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     sampling = LLaDASampling(gen_length=cfg.gen_length, block_length=cfg.block_length, steps=cfg.steps)
     eval_prompts = wiki.prompt_ids(tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens)
     nll_windows = wiki.text_windows(tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens + cfg.gen_length)
-    calib_texts = [text for _, text in wiki.load_articles("calib")]
+    # Articles long enough for a full prompt, like the evaluation prompts; calibrate takes their openings.
+    calib_texts = [
+        text for _, text in wiki.load_articles("calib") if len(encode_prompt(tokenizer, text)) >= cfg.prompt_tokens
+    ]
     references = teacher_runs(teacher, eval_prompts, sampling, teacher.spec)
     nll_fp = masked_nll(teacher, nll_windows, teacher.spec)
     earlier = {}
@@ -90,8 +94,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     rows = []
     for seed in cfg.seeds:
         prompts_file = out / f"calib_prompts_seed{seed}.txt"
-        chunk = calib_texts[seed * cfg.n_calib_prompts * 2 : (seed + 1) * cfg.n_calib_prompts * 2]
-        prompts_file.write_text("\n".join(chunk) + "\n")  # twice as many as needed: short ones are skipped
+        chunk = calib_texts[seed * cfg.n_calib_prompts : (seed + 1) * cfg.n_calib_prompts]
+        if len(chunk) < cfg.n_calib_prompts:
+            raise ValueError(f"the calibration split has too few articles for seed {seed}")
+        prompts_file.write_text("\n".join(chunk) + "\n")
         for fmt in cfg.formats:
             wbits, abits = FORMATS[fmt]
             for method in cfg.methods:
@@ -101,6 +107,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                     sys.executable, "-m", "faircalib", "calibrate", "--model", cfg.model, "--method", method,
                     "--wbits", str(wbits), "--abits", str(abits), "--seed", str(seed),
                     "--calib-prompts", str(prompts_file), "--n-prompts", str(cfg.n_calib_prompts),
+                    "--prompt-tokens", str(cfg.prompt_tokens),
                     "--gen-length", str(cfg.gen_length), "--block-length", str(cfg.block_length),
                     "--steps", str(cfg.steps), "--out", str(artifact), "--quiet", *cfg.extra_flags,
                 ]  # fmt: skip
