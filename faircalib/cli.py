@@ -164,8 +164,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str,
             parser.add_argument(flag, type=base, default=None, metavar=base.__name__.upper())
 
 
-def read_prompt_file(path: Path, tokenizer, limit: int | None) -> list[list[int]]:
-    """One prompt per non-empty line."""
+def read_prompt_file(path: Path, tokenizer, limit: int | None, max_tokens: int | None = None) -> list[list[int]]:
+    """One prompt per non-empty line (the first ``limit`` lines); lines may be whole documents, so
+    ``max_tokens`` keeps only their openings."""
     if not path.is_file():
         raise ConfigError(f"prompts file not found: {path}")
     if tokenizer is None:
@@ -173,7 +174,7 @@ def read_prompt_file(path: Path, tokenizer, limit: int | None) -> list[list[int]
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         raise ConfigError(f"{path} holds no prompts")
-    return [encode_prompt(tokenizer, line) for line in lines[:limit]]
+    return [encode_prompt(tokenizer, line)[:max_tokens] for line in lines[:limit]]
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -188,17 +189,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     windows, source = None, {}
     prompt_tokens = args.prompt_tokens or DEFAULT_PROMPT_TOKENS
     if args.calib_prompts is not None:
-        prompts = read_prompt_file(args.calib_prompts, tokenizer, cfg.n_prompts)
-        source = {"source": str(args.calib_prompts)}
+        source = {"source": str(args.calib_prompts), "prompt_tokens": args.prompt_tokens}
         if cfg.states == "text":
             length = prompt_tokens + sampling.gen_length
-            long_enough = [p[:length] for p in prompts if len(p) >= length]
+            lines = read_prompt_file(args.calib_prompts, tokenizer, cfg.n_prompts)
+            long_enough = [p[:length] for p in lines if len(p) >= length]
             if not long_enough:
                 raise ConfigError(f"no line of {args.calib_prompts} has {length} tokens for text calibration")
             windows = torch.tensor(long_enough, dtype=torch.long)
-        if args.prompt_tokens is not None:  # lines may be whole documents: take their openings
-            prompts = [p[: args.prompt_tokens] for p in prompts]
-            source["prompt_tokens"] = args.prompt_tokens
+        prompts = read_prompt_file(args.calib_prompts, tokenizer, cfg.n_prompts, args.prompt_tokens)
     else:
         if tokenizer is None:
             raise ConfigError("this model has no tokenizer: pass --calib-prompts with prompts it can read")
@@ -249,10 +248,11 @@ def cmd_parity(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args, teacher.spec, base)
     nll_windows = None
     if args.prompts is not None:
-        prompts = read_prompt_file(args.prompts, tokenizer, args.n_prompts)
+        prompts = read_prompt_file(args.prompts, tokenizer, args.n_prompts, args.prompt_tokens)
     elif tokenizer is not None:
-        prompts = wiki.prompt_ids(tokenizer, "eval", args.n_prompts, args.prompt_tokens)
-        nll_windows = wiki.text_windows(tokenizer, "eval", args.n_prompts, args.prompt_tokens + sampling.gen_length)
+        prompt_tokens = args.prompt_tokens or DEFAULT_PROMPT_TOKENS
+        prompts = wiki.prompt_ids(tokenizer, "eval", args.n_prompts, prompt_tokens)
+        nll_windows = wiki.text_windows(tokenizer, "eval", args.n_prompts, prompt_tokens + sampling.gen_length)
     else:
         raise ConfigError("this model has no tokenizer: pass --prompts with prompts it can read")
     references = teacher_runs(teacher, prompts, sampling, teacher.spec, batch_size=args.batch_size)
@@ -409,7 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--onnx", type=Path, help="exported bundle (ort) or engine directory (trt)")
     par.add_argument("--prompts", type=Path, help="one prompt per line (default: Wikipedia eval split)")
     par.add_argument("--n-prompts", type=int, default=64)
-    par.add_argument("--prompt-tokens", type=int, default=16)
+    par.add_argument(
+        "--prompt-tokens",
+        type=int,
+        help=f"prompt length: the openings of the default data (default {DEFAULT_PROMPT_TOKENS}), or of each line of "
+        "--prompts when given",
+    )
     par.add_argument("--batch-size", type=int, default=16)
     par.add_argument("--json", action="store_true")
     par.add_argument("--quiet", action="store_true")
