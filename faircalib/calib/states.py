@@ -34,14 +34,6 @@ class CalibrationSet:
     stats: ProbeStats | None
     description: dict
 
-    @property
-    def num_states(self) -> int:
-        return sum(c.tokens.shape[0] for c in self.chunks)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.tokens.numel() for c in self.chunks)
-
 
 def _by_length(prompts: Sequence[Sequence[int]]) -> dict[int, list[list[int]]]:
     groups: dict[int, list[list[int]]] = {}
