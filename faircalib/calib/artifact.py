@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from faircalib.calib.config import QuantConfig
 from faircalib.calib.linear import QuantizedWeight
 from faircalib.calib.quant import pack_int4, unpack_int4
 from faircalib.errors import CheckpointError, ConfigError
-from faircalib.models.checkpoint import read_json_object
+from faircalib.models.checkpoint import read_json_object, read_safetensors
 
 ARTIFACT_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -111,8 +110,7 @@ class QuantArtifact:
         if version != ARTIFACT_FORMAT:
             raise CheckpointError(f"{path}: artifact format {version!r}, this faircalib reads {ARTIFACT_FORMAT}")
         config = QuantConfig.from_json_dict(manifest["config"])
-        with safe_open(str(path / TENSORS), "pt") as handle:
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        tensors, _ = read_safetensors(path / TENSORS)
         weights, prior, fp_params = decode_weights(tensors, manifest["layers"], config)
         return cls(config, weights, manifest.get("act_clips", {}), prior, manifest, fp_params)
 

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -29,7 +28,7 @@ from faircalib.calib.probe import ProbeStats
 from faircalib.calib.states import CalibrationSet, StateChunk, probe_teacher, teacher_states, text_states
 from faircalib.errors import ConfigError
 from faircalib.models import Denoiser, load_denoiser
-from faircalib.models.checkpoint import write_json_atomic
+from faircalib.models.checkpoint import read_safetensors, write_json_atomic
 from faircalib.sampling import Sampling
 
 
@@ -59,9 +58,7 @@ def save_calibration_set(calib: CalibrationSet, path: Path) -> None:
 
 
 def load_calibration_set(path: Path) -> CalibrationSet:
-    with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata()
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    tensors, meta = read_safetensors(path)
     chunks = tuple(
         StateChunk(tensors[f"chunk{i}.tokens"], tensors[f"chunk{i}.weights"]) for i in range(int(meta["chunks"]))
     )
@@ -118,9 +115,7 @@ def run_calibration(
         calib = load_calibration_set(partial / "states.safetensors")
         timings = progress.get("timings", {})
         for block in sorted(partial.glob("block_*.safetensors")):
-            with safe_open(str(block), "pt") as handle:
-                meta = handle.metadata()
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            tensors, meta = read_safetensors(block)
             weights, _, fp_params = decode_weights(tensors, json.loads(meta["layers"]), cfg)
             done.update(weights)
             done_fp.update(fp_params)

@@ -109,6 +109,13 @@ def _group_by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:
     return grouped
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file, and its metadata (empty when it has none)."""
+    with _open(path) as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        return tensors, handle.metadata() or {}
+
+
 def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
