@@ -116,6 +116,8 @@ def test_interrupted_run_resumes_from_the_last_finished_block(tmp_path, tiny_dir
     for key, w in whole.weights.items():
         assert torch.equal(resumed.weights[key].codes, w.codes), key
     assert len(resumed.manifest["blocks"]) == 2
+    block_seconds = sum(block["seconds"] for block in resumed.manifest["blocks"])
+    assert resumed.manifest["timings"]["stage2_seconds"] >= block_seconds  # the interrupted run's time counts
 
 
 def test_resume_with_different_arguments_is_refused(tmp_path, tiny_dirs):

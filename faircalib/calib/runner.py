@@ -137,6 +137,8 @@ def run_calibration(
         write_json_atomic(progress_path, {"identity": identity, "timings": timings, "blocks": []})
 
     bar = tqdm(total=len(model.blocks), initial=len(reports), desc="stage II: blocks", unit="block", disable=quiet)
+    stage2_before = timings.get("stage2_seconds", 0.0)  # spent by an interrupted run on its finished blocks
+    start = time.perf_counter()
 
     def checkpoint(index: int, result: CalibrationResult, report: BlockReport) -> None:
         if not report.resumed:
@@ -149,15 +151,15 @@ def run_calibration(
             tensors = encode_weights(weights, fp_params=fp_params)
             save_file(tensors, str(partial / f"block_{index:04d}.safetensors"), metadata=meta)
             reports.append(block_report_dict(report))
+            timings["stage2_seconds"] = stage2_before + time.perf_counter() - start
             write_json_atomic(progress_path, {"identity": identity, "timings": timings, "blocks": reports})
             bar.update(1)
 
-    start = time.perf_counter()
     try:
         result = calibrate(model, calib, cfg, done=done, done_clips=done_clips, done_fp=done_fp, on_block=checkpoint)
     finally:
         bar.close()
-    timings["stage2_seconds"] = time.perf_counter() - start + timings.get("stage2_seconds", 0.0)
+    timings["stage2_seconds"] = stage2_before + time.perf_counter() - start
     artifact = QuantArtifact(
         config=cfg,
         weights=result.weights,
