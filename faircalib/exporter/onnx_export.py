@@ -118,7 +118,7 @@ def quantize_weight_initializers(
         if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
             continue
         value = numpy_helper.to_array(init)
-        match = wanted.get(_digest(value.astype(np.float32) if value.dtype != np.float32 else value))
+        match = wanted.get(_digest(value.astype(np.float32, copy=False)))
         if match is None or tuple(value.shape) != match[1]:
             continue
         key, _, q = match
@@ -178,10 +178,8 @@ def export_student(student: Denoiser, prof: Profile, opset: int = OPSET) -> onnx
         onnx.checker.check_model(model, full_check=True)
         return model
     scale_dtype = np.float16 if prof.dtype == torch.float16 else np.float32
-    layers = quantized_layers(student)
-    if prof.dtype == torch.float16:  # the folded W^T initializers are fp16: match them in their own precision
-        layers = {k: (wt.astype(np.float16).astype(np.float32), q) for k, (wt, q) in layers.items()}
-    quantize_weight_initializers(model, layers, scale_dtype)
+    # W^T is read from the student in its own dtype, so an fp16 initializer matches it exactly in float32.
+    quantize_weight_initializers(model, quantized_layers(student), scale_dtype)
     onnx.checker.check_model(model, full_check=True)
     return model
 
