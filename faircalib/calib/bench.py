@@ -22,6 +22,7 @@ from statistics import mean, stdev
 from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.config import FORMATS, METHODS
 from faircalib.calib.evaluate import fake_quant_student, parity_report
+from faircalib.errors import ConfigError
 from faircalib.models import load_denoiser, load_tokenizer
 from faircalib.models.tokenizer import encode_prompt
 from faircalib.sampling import LLaDASampling
@@ -96,7 +97,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         prompts_file = out / f"calib_prompts_seed{seed}.txt"
         chunk = calib_texts[seed * cfg.n_calib_prompts : (seed + 1) * cfg.n_calib_prompts]
         if len(chunk) < cfg.n_calib_prompts:
-            raise ValueError(f"the calibration split has too few articles for seed {seed}")
+            raise ConfigError(f"the calibration split has too few articles for seed {seed}")
         prompts_file.write_text("\n".join(chunk) + "\n")
         for fmt in cfg.formats:
             wbits, abits = FORMATS[fmt]
