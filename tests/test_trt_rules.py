@@ -1,11 +1,12 @@
-"""The TensorRT int4 rules check on hand-built graphs: one that passes, and each rule broken alone."""
+"""The TensorRT rules check on hand-built graphs: one that passes, and each rule broken alone (int4 weight-only
+and INT8 Q/DQ)."""
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from faircalib.exporter.trt_rules import check_tensorrt_int4
+from faircalib.exporter.trt_rules import check_tensorrt
 
 K, N = 128, 64
 
@@ -51,7 +52,7 @@ def graph(
 
 
 def rules(model):
-    return [v.rule for v in check_tensorrt_int4(model)]
+    return [v.rule for v in check_tensorrt(model)]
 
 
 def test_a_conforming_graph_passes_and_is_valid_onnx():
@@ -88,6 +89,61 @@ def test_per_channel_is_not_blocked():
     del node.attribute[:]
     node.attribute.extend([helper.make_attribute("axis", 1)])
     assert "blocked quantization" in rules(model)
+
+
+def int8_graph(
+    weight_type=TensorProto.INT8, scale_dims=(N,), axis=1, act_scale_dims=(), act_zero=0, act_scale_const=True
+):
+    """x -> QuantizeLinear -> DequantizeLinear -> MatMul <- DequantizeLinear <- INT8 W [K, N]."""
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("w", weight_type, [K, N], rng.integers(0, 100, size=(K, N)).flatten().tolist())
+    scale = helper.make_tensor("s", TensorProto.FLOAT16, list(scale_dims), [0.1] * int(np.prod(scale_dims)))
+    inits = [
+        weight,
+        scale,
+        helper.make_tensor("az", TensorProto.INT8, list(act_scale_dims), [act_zero] * int(np.prod(act_scale_dims))),
+    ]
+    nodes = []
+    if act_scale_const:
+        inits.append(
+            helper.make_tensor("as", TensorProto.FLOAT16, list(act_scale_dims), [0.05] * int(np.prod(act_scale_dims)))
+        )
+    else:
+        nodes.append(helper.make_node("ReduceMax", ["x"], ["as"], keepdims=0))
+    nodes += [
+        helper.make_node("QuantizeLinear", ["x", "as", "az"], ["xq"], name="q_act"),
+        helper.make_node("DequantizeLinear", ["xq", "as", "az"], ["xd"], name="dq_act"),
+        helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], name="dq", axis=axis),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"], name="gemm"),
+    ]
+    g = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["B", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["B", N])],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_a_conforming_int8_graph_passes_and_is_valid_onnx():
+    model = int8_graph()
+    onnx.checker.check_model(model, full_check=True)
+    assert rules(model) == []
+    assert rules(int8_graph(scale_dims=())) == []  # one weight scale per tensor
+
+
+@pytest.mark.parametrize(
+    "kwargs,rule",
+    [
+        (dict(weight_type=TensorProto.UINT8), "signed INT8 weights"),
+        (dict(scale_dims=(K,), axis=0), "per-channel along N"),
+        (dict(act_scale_dims=(K,)), "per-tensor activation scale"),
+        (dict(act_zero=3), "zero point absent or zero"),
+        (dict(act_scale_const=False), "constant scales"),
+    ],
+)
+def test_each_int8_rule_is_enforced(kwargs, rule):
+    assert rule in rules(int8_graph(**kwargs))
 
 
 def test_check_onnx_cli(tmp_path, capsys):

@@ -1,7 +1,7 @@
-"""A static check of an ONNX graph against what TensorRT needs to build int4 weight-only GEMMs
-(DESIGN.md section 6), so every machine can test what only a GPU can build.
+"""A static check of an ONNX graph against what TensorRT needs to build its quantized GEMMs: int4
+weight-only and INT8 Q/DQ (DESIGN.md section 6), so every machine can test what only a GPU can build.
 
-For each DequantizeLinear whose input is 4-bit:
+For each DequantizeLinear whose input is a 4-bit weight:
 - the input is a constant initializer of signed INT4 (TensorRT has no UINT4 weights, no INT4 activations);
 - the zero point is absent or all zeros;
 - quantization is blocked (scale of the same rank as the weight) along one dimension, the last or second
@@ -9,6 +9,10 @@ For each DequantizeLinear whose input is 4-bit:
 - the weight's last dimension is even;
 - scales are float16 or bfloat16;
 - the output feeds MatMul/Gemm as its weight operand directly or through one Transpose.
+
+For each DequantizeLinear whose input is an 8-bit weight: signed INT8, zero point absent or zero, a
+constant scale per tensor or per output channel (1-D along N, never along K), feeding a GEMM as above.
+For each QuantizeLinear (activations): a constant per-tensor (scalar) scale, a zero zero point, no INT4.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
+EIGHT_BIT = (TensorProto.INT8, TensorProto.UINT8)
 HALF = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 GEMMS = ("MatMul", "Gemm")
 
@@ -41,8 +46,8 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def check_tensorrt_int4(model: onnx.ModelProto | str | Path) -> list[Violation]:
-    """Every violation of the int4 rules in ``model`` (empty: TensorRT can build its int4 GEMMs)."""
+def check_tensorrt(model: onnx.ModelProto | str | Path) -> list[Violation]:
+    """Every violation of the rules above in ``model`` (empty: TensorRT can build its quantized GEMMs)."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     graph = model.graph
@@ -55,10 +60,8 @@ def check_tensorrt_int4(model: onnx.ModelProto | str | Path) -> list[Violation]:
     violations: list[Violation] = []
 
     for node in graph.node:
-        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
-            zero = initializers.get(node.input[2])
-            if zero is not None and zero.data_type in FOUR_BIT:
-                violations.append(Violation(node.name, "no INT4 activations", "QuantizeLinear to 4 bits"))
+        if node.op_type == "QuantizeLinear":
+            violations.extend(_check_activation_quantizer(node, initializers))
         if node.op_type != "DequantizeLinear":
             continue
         weight = initializers.get(node.input[0])
@@ -69,9 +72,12 @@ def check_tensorrt_int4(model: onnx.ModelProto | str | Path) -> list[Violation]:
                 if zero is not None and zero.data_type in FOUR_BIT:
                     continue  # reported at the QuantizeLinear
             continue
+        name = node.name or node.output[0]
+        if weight.data_type in EIGHT_BIT:
+            violations.extend(_check_int8_weight(name, node, weight, initializers, consumers))
+            continue
         if weight.data_type not in FOUR_BIT:
             continue
-        name = node.name or node.output[0]
         rank = len(weight.dims)
         if weight.data_type == TensorProto.UINT4:
             violations.append(Violation(name, "signed INT4 weights", "weight is UINT4"))
@@ -100,11 +106,60 @@ def check_tensorrt_int4(model: onnx.ModelProto | str | Path) -> list[Violation]:
                 violations.append(Violation(name, "block size 64 or 128", f"block_size {block}"))
         if rank and weight.dims[-1] % 2:
             violations.append(Violation(name, "even last dimension", f"weight dims {list(weight.dims)}"))
-        violations.extend(_check_consumer(name, node, axis, rank, consumers))
+        k_axes, problems = _weight_k_axes(name, node, rank, consumers)
+        violations.extend(problems)
+        for k in sorted(k_axes - {axis}):
+            violations.append(Violation(name, "blocked along K", f"blocked axis {axis}, K is axis {k}"))
     return violations
 
 
-def _check_consumer(name, node, axis, rank, consumers) -> list[Violation]:
+def _zero_point_is_zero(node: onnx.NodeProto, initializers) -> bool:
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    zero = initializers.get(node.input[2])
+    return zero is not None and not numpy_helper.to_array(zero).astype("int32").any()
+
+
+def _check_activation_quantizer(node: onnx.NodeProto, initializers) -> list[Violation]:
+    name = node.name or node.output[0]
+    zero = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if zero is not None and zero.data_type in FOUR_BIT:
+        return [Violation(name, "no INT4 activations", "QuantizeLinear to 4 bits")]
+    out = []
+    scale = initializers.get(node.input[1])
+    if scale is None:
+        out.append(Violation(name, "constant scales", "activation scale is computed at run time"))
+    elif len(scale.dims) and any(d != 1 for d in scale.dims):
+        out.append(Violation(name, "per-tensor activation scale", f"scale dims {list(scale.dims)}"))
+    if not _zero_point_is_zero(node, initializers):
+        out.append(Violation(name, "zero point absent or zero", "non-zero or non-constant zero point"))
+    return out
+
+
+def _check_int8_weight(name, node, weight, initializers, consumers) -> list[Violation]:
+    rank = len(weight.dims)
+    out = []
+    if weight.data_type == TensorProto.UINT8:
+        out.append(Violation(name, "signed INT8 weights", "weight is UINT8"))
+    if not _zero_point_is_zero(node, initializers):
+        out.append(Violation(name, "zero point absent or zero", "non-zero or non-constant zero point"))
+    scale = initializers.get(node.input[1])
+    if scale is None:
+        return [*out, Violation(name, "constant scales", "scale is not an initializer")]
+    axis = _attr(node, "axis", 1) % max(rank, 1)
+    if _attr(node, "block_size", 0) or len(scale.dims) > 1:
+        out.append(Violation(name, "per-tensor or per-channel INT8 weights", "blocked scale"))
+        return out
+    k_axes, problems = _weight_k_axes(name, node, rank, consumers)
+    out.extend(problems)
+    if len(scale.dims) == 1 and scale.dims[0] != 1 and axis in k_axes:
+        out.append(Violation(name, "per-channel along N", f"scales along axis {axis}, the GEMM's K"))
+    return out
+
+
+def _weight_k_axes(name, node, rank, consumers) -> tuple[set[int], list[Violation]]:
+    """The axes of the dequantized weight that the GEMMs reading it reduce over (their K), and any
+    problem with how it reaches them."""
     source = node.output[0]
     users = consumers.get(source, [])
     k_axis = rank - 2  # MatMul(A, B): B is [..., K, N]
@@ -115,15 +170,13 @@ def _check_consumer(name, node, axis, rank, consumers) -> list[Violation]:
         users = consumers.get(source, [])
     if not users or any(user.op_type not in GEMMS for user in users):
         found = sorted({user.op_type for user in users}) or ["nothing"]
-        return [Violation(name, "feeds MatMul/Gemm directly or through one Transpose", f"feeds {found}")]
-    out = []
+        return set(), [Violation(name, "feeds MatMul/Gemm directly or through one Transpose", f"feeds {found}")]
+    axes, problems = set(), []
     for user in users:
-        if user.op_type == "Gemm" and _attr(user, "transB", 0):
-            k = rank - 1 if k_axis == rank - 2 else rank - 2
-        else:
-            k = k_axis
         if len(user.input) < 2 or user.input[1] != source:
-            out.append(Violation(name, "weight operand of the GEMM", f"enters {user.op_type} as its first input"))
-        elif axis != k:
-            out.append(Violation(name, "blocked along K", f"blocked axis {axis}, K is axis {k}"))
-    return out
+            problems.append(Violation(name, "weight operand of the GEMM", f"enters {user.op_type} as its first input"))
+        elif user.op_type == "Gemm" and _attr(user, "transB", 0):
+            axes.add(rank - 1 if k_axis == rank - 2 else rank - 2)
+        else:
+            axes.add(k_axis)
+    return axes, problems
