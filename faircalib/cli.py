@@ -356,11 +356,11 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_check_onnx(args: argparse.Namespace) -> int:
-    from faircalib.exporter.trt_rules import check_tensorrt_int4
+    from faircalib.exporter.trt_rules import check_tensorrt
 
     if not args.onnx.is_file():
         raise ConfigError(f"ONNX file not found: {args.onnx}")
-    violations = check_tensorrt_int4(args.onnx)
+    violations = check_tensorrt(args.onnx)
     for violation in violations:
         print(violation)
     print(f"{args.onnx}: {len(violations)} TensorRT int4 rule violation(s)", file=sys.stderr)

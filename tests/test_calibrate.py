@@ -34,8 +34,17 @@ def small(method, **kw):
         small("quarot", abits=4),
         small("fair", abits=4),
         small("smoothquant", wbits=8, abits=8),
+        small("gptq-recon", wbits=8, abits=8, a_static=True),
     ],
-    ids=["fair-w4a16", "gptq-w4a8-g16", "rtn-w8-asym", "quarot-w4a4", "fair-w4a4-rotated", "smoothquant-w8a8"],
+    ids=[
+        "fair-w4a16",
+        "gptq-w4a8-g16",
+        "rtn-w8-asym",
+        "quarot-w4a4",
+        "fair-w4a4-rotated",
+        "smoothquant-w8a8",
+        "gptq-recon-w8a8-static",
+    ],  # fmt: skip
 )
 def test_artifact_round_trip_reproduces_the_student(tmp_path, tiny_dirs, cfg):
     art = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
@@ -46,9 +55,11 @@ def test_artifact_round_trip_reproduces_the_student(tmp_path, tiny_dirs, cfg):
         assert torch.equal(loaded.weights[key].codes, w.codes.cpu())
         assert torch.equal(loaded.weights[key].scale, w.scale.cpu())
     student = apply_quantization(
-        load_denoiser(tiny_dirs["llada"]), loaded.weights, cfg, loaded.act_clips, loaded.fp_params
+        load_denoiser(tiny_dirs["llada"]), loaded.weights, cfg, loaded.act_clips, loaded.fp_params, loaded.act_ranges
     )
-    again = apply_quantization(load_denoiser(tiny_dirs["llada"]), art.weights, cfg, art.act_clips, art.fp_params)
+    again = apply_quantization(
+        load_denoiser(tiny_dirs["llada"]), art.weights, cfg, art.act_clips, art.fp_params, art.act_ranges
+    )
     assert torch.equal(student(IDS), again(IDS))
     assert not torch.equal(student(IDS), load_denoiser(tiny_dirs["llada"])(IDS))  # it really is quantized
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
@@ -57,6 +68,34 @@ def test_artifact_round_trip_reproduces_the_student(tmp_path, tiny_dirs, cfg):
     if cfg.weighting == "prior":
         assert loaded.prior is not None and loaded.prior.shape == (8,)
     assert bool(loaded.fp_params) == (cfg.smooth_alpha is not None)  # smoothed norm scales travel along
+    # static activation scales: one calibrated peak per layer, and the student quantizes with it
+    assert set(loaded.act_ranges) == (set(art.weights) if cfg.a_static else set())
+    assert all(peak > 0 for peak in loaded.act_ranges.values())
+    layer = student.blocks[0].get_submodule(student.linear_groups()[0][0])
+    assert (layer.act.static_amax is not None) == cfg.a_static
+
+
+def test_static_activation_peak_is_the_largest_calibration_input(tmp_path, tiny_dirs):
+    """The first block's first linear reads the normalised embeddings: its peak can be recomputed directly."""
+    cfg = small("rtn", wbits=8, abits=8, a_static=True)
+    art = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
+    model = load_denoiser(tiny_dirs["llada"])
+    name = model.linear_groups()[0][0]
+    seen = []
+    handle = model.blocks[0].get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].abs().amax()))
+    from faircalib.calib.states import probe_teacher, teacher_states
+
+    states = teacher_states(probe_teacher(model, PROMPTS, SAMPLING), cfg, SAMPLING, model.spec.mask_token_id)
+    with torch.no_grad():
+        for chunk in states.chunks:
+            model.run_block(model.blocks[0], model.embed(chunk.tokens), model.block_context(chunk.tokens))
+    handle.remove()
+    assert art.act_ranges[f"blocks.0.{name}"] == pytest.approx(float(max(seen)), rel=1e-6)
+
+
+def test_static_activation_scales_need_symmetric_int8():
+    with pytest.raises(ConfigError, match="static activation scales"):
+        small("gptq", abits=4, a_static=True)
 
 
 def test_four_bit_codes_are_stored_packed(tmp_path, tiny_dirs):

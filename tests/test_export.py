@@ -16,7 +16,7 @@ from faircalib.calib.runner import run_calibration
 from faircalib.errors import ConfigError
 from faircalib.exporter.onnx_export import export_bundle
 from faircalib.exporter.schedule_file import read_schedule
-from faircalib.exporter.trt_rules import check_tensorrt_int4
+from faircalib.exporter.trt_rules import check_tensorrt
 from faircalib.models import load_denoiser
 from faircalib.sampling import LLaDASampling
 
@@ -35,6 +35,8 @@ def artifacts(tiny_dirs, tmp_path_factory):
         "sym-g64": preset("gptq", group_size=64),
         "asym-g16": preset("gptq", group_size=16, w_symmetric=False),
         "quarot-a4": preset("quarot", abits=4),
+        "asym-g16-a4": preset("gptq", group_size=16, w_symmetric=False, abits=4, a_symmetric=False),
+        "w8a8-static": preset("gptq", wbits=8, abits=8, a_static=True),
     }
     for name, cfg in configs.items():
         run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, root / name, quiet=True)
@@ -62,13 +64,16 @@ def test_trt_w4a16_graph(tiny_dirs, artifacts, tmp_path):
         assert inits[node.input[1]].data_type == onnx.TensorProto.FLOAT16
         assert len(node.input) == 2  # no zero point
         assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}["block_size"] == 64
-    assert check_tensorrt_int4(model) == []
+    assert check_tensorrt(model) == []
     assert read_schedule(out).sampling == SAMPLING
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["profile"] == "trt-w4a16" and manifest["opset"] == 21
 
 
-@pytest.mark.parametrize("name,profile_name", [("asym-g16", "ort-w4a16"), ("quarot-a4", "ort-w4a4")])
+@pytest.mark.parametrize(
+    "name,profile_name",
+    [("asym-g16", "ort-w4a16"), ("quarot-a4", "ort-w4a4"), ("asym-g16-a4", "ort-w4a4"), ("w8a8-static", "ort-w8a8")],
+)
 def test_ort_matches_the_fake_quant_student(tiny_dirs, artifacts, tmp_path, name, profile_name):
     out = export_bundle(tiny_dirs["llada"], artifacts[name], profile_name, tmp_path / name)
     student = fake_quant_student(load_denoiser(tiny_dirs["llada"]), QuantArtifact.load(artifacts[name]))
@@ -78,10 +83,32 @@ def test_ort_matches_the_fake_quant_student(tiny_dirs, artifacts, tmp_path, name
         got = session.run(None, {"input_ids": ids.numpy()})[0]
         want = student(ids).detach().numpy()
         assert np.abs(got - want).max() < LOGIT_TOLERANCE
-    if name == "asym-g16":
+    if name.startswith("asym"):
         inits, model = initializers(out / "model.onnx")
         zero_points = [n.input[2] for n in model.graph.node if n.op_type == "DequantizeLinear"]
         assert zero_points and all(inits[z].data_type == onnx.TensorProto.UINT4 for z in zero_points)
+
+
+def test_trt_w8a8_graph(tiny_dirs, artifacts, tmp_path):
+    """TensorRT's INT8 pattern: x -> Q -> DQ -> MatMul <- DQ <- INT8 W, scales constant and in fp16."""
+    out = export_bundle(tiny_dirs["llada"], artifacts["w8a8-static"], "trt-w8a8", tmp_path / "w8")
+    inits, model = initializers(out / "model.onnx")
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weight_dq) == 14
+    for node in weight_dq:
+        assert inits[node.input[0]].data_type == onnx.TensorProto.INT8 and len(node.input) == 2
+        assert list(inits[node.input[1]].dims) == [inits[node.input[0]].dims[1]]  # per output channel
+        assert inits[node.input[1]].data_type == onnx.TensorProto.FLOAT16
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantizers) == 8  # q/k/v share one input, gate/up another: 4 activation tensors per block
+    for node in quantizers:
+        assert list(inits[node.input[1]].dims) == [] and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT16
+    assert check_tensorrt(model) == []
+    student = fake_quant_student(load_denoiser(tiny_dirs["llada"]), QuantArtifact.load(artifacts["w8a8-static"]))
+    ids = torch.randint(0, 95, (2, 11), generator=torch.Generator().manual_seed(0))
+    got = ort_session(out / "model.onnx").run(None, {"input_ids": ids.numpy()})[0]
+    want = student(ids).detach().numpy()
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # fp16 activations against the fp32 student
 
 
 def test_external_data_for_large_weights(tiny_dirs, artifacts, tmp_path):
@@ -100,6 +127,8 @@ def test_external_data_for_large_weights(tiny_dirs, artifacts, tmp_path):
         ("asym-g16", "trt-w4a16", "asymmetric weights"),
         ("quarot-a4", "trt-w4a16", "4-bit activations"),
         ("sym-g64", "ort-w4a4", "16-bit activations"),
+        ("quarot-a4", "trt-w8a8", "4-bit weights"),
+        ("w8a8-static", "ort-w4a8", "8-bit weights"),
     ],
 )
 def test_profiles_refuse_what_they_cannot_express(tiny_dirs, artifacts, tmp_path, name, profile_name, message):
@@ -188,3 +217,16 @@ def test_fp32_export_and_latency(tiny_dirs, artifacts, tmp_path, capsys):
     assert main(argv) == 0
     rows = json.loads(report.read_text())["rows"]
     assert [r["backend"] for r in rows] == ["torch-fp32", "ort-fp32"] and all(r["median_ms"] > 0 for r in rows)
+
+
+def test_static_and_per_token_activation_artifacts_go_to_their_own_profiles():
+    from faircalib.exporter.onnx_export import profile
+
+    dynamic = QuantArtifact(preset("gptq", wbits=8, abits=8), {})
+    static = QuantArtifact(preset("gptq", wbits=8, abits=8, a_static=True), {})
+    with pytest.raises(ConfigError, match="static per-tensor"):
+        profile("trt-w8a8").check(dynamic)
+    with pytest.raises(ConfigError, match="group size 64 .*per-channel"):
+        profile("trt-w8a8").check(QuantArtifact(preset("gptq", wbits=8, abits=8, a_static=True, group_size=64), {}))
+    profile("trt-w8a8").check(static)
+    profile("ort-w8a8").check(static)

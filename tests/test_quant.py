@@ -3,9 +3,11 @@ import torch
 
 from faircalib.calib.gptq import CholeskyError, gptq_quantize, inverse_hessian_factor
 from faircalib.calib.hessian import accumulate_hessian, weighted_gram
+from faircalib.calib.linear import QuantizedWeight, QuantLinear
 from faircalib.calib.quant import (
     ActSpec,
     WeightSpec,
+    code_matmul,
     dequantize_weight,
     fake_quant_activation,
     fake_quant_weight,
@@ -87,6 +89,32 @@ def test_activation_fake_quant_is_per_token(bits, symmetric):
         assert (y[idx[0], idx[1]] - token).abs().max() <= step / 2 + 1e-5
     torch.testing.assert_close(fake_quant_activation(y, spec), y, rtol=1e-5, atol=1e-5)  # idempotent on its grid
     assert fake_quant_activation(x, ActSpec(16)) is x
+
+
+@pytest.mark.parametrize("spec", SPECS[:4], ids=str)
+@pytest.mark.parametrize("act", [ActSpec(4, True), ActSpec(4, False, 0.9), ActSpec(8, True)], ids=str)
+def test_quant_linear_takes_the_integer_product_of_the_slow_reference(spec, act):
+    w, x = layer(tokens=40)
+    scale, zero = weight_qparams(w, spec)
+    q = QuantizedWeight(quantize_weight(w, scale, zero, spec), scale, zero, spec)
+    bias = torch.randn(w.shape[0])
+    layer_ = QuantLinear(q, bias, act, torch.float32)
+    x = x.reshape(2, 20, -1)
+    reference = torch.nn.functional.linear(fake_quant_activation(x, act), q.dequantize(), bias)
+    torch.testing.assert_close(layer_(x), reference, rtol=1e-5, atol=1e-4)
+    assert torch.equal(q.centred_codes(), q.centred_codes().round())
+
+
+def test_code_products_do_not_depend_on_summation_order():
+    """The property the exported W4A4 graph relies on to match PyTorch bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x_codes = torch.randint(-8, 8, (64, 1024), generator=g).float()
+    w_codes = torch.randint(-8, 8, (1024, 32), generator=g).float()
+    w_scale = torch.rand(1, 32, generator=g)
+    forward = code_matmul(x_codes, w_codes, w_scale)
+    backward = code_matmul(x_codes.flip(-1), w_codes.flip(0), w_scale)
+    exact = (x_codes.double() @ w_codes.double()).float() * w_scale[0]
+    assert torch.equal(forward, backward) and torch.equal(forward, exact)
 
 
 def test_pack_int4_low_nibble_first_and_round_trip():

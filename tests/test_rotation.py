@@ -8,6 +8,7 @@ from faircalib.kernels.hadamard import (
     apply_block_hadamard,
     hadamard_block,
     hadamard_matrix,
+    hadamard_reference,
     random_hadamard,
 )
 from faircalib.models import load_denoiser
@@ -38,6 +39,17 @@ def test_online_hadamard_matches_the_dense_matrix():
     dense = torch.block_diag(*([hadamard_matrix(32, torch.float32) / 32**0.5] * 3))
     torch.testing.assert_close(apply_block_hadamard(x, 32), x @ dense)
     assert OnlineHadamard(96).block == 32
+
+
+@pytest.mark.parametrize("n,block", [(704, 64), (96, 32), (4096, 4096), (8, 1)])
+def test_fast_hadamard_matches_the_matrix_product(n, block):
+    x = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    torch.testing.assert_close(apply_block_hadamard(x, block), hadamard_reference(x, block), rtol=1e-12, atol=1e-12)
+
+
+def test_fast_hadamard_refuses_a_block_that_does_not_divide():
+    with pytest.raises(ConfigError, match="Hadamard block"):
+        apply_block_hadamard(torch.zeros(2, 100), 64)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

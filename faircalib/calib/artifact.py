@@ -62,6 +62,7 @@ class QuantArtifact:
     prior: torch.Tensor | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     fp_params: dict[str, torch.Tensor] = field(default_factory=dict)  # calibrated non-quantized params
+    act_ranges: dict[str, float] = field(default_factory=dict)  # static activation peaks (a_static)
 
     @property
     def fingerprint(self) -> str | None:
@@ -90,6 +91,7 @@ class QuantArtifact:
                 "method": self.config.method,
                 "format": self.config.format,
                 "act_clips": self.act_clips,
+                "act_ranges": self.act_ranges,
                 "layers": {k: list(w.codes.shape) for k, w in self.weights.items()},
             }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -112,7 +114,9 @@ class QuantArtifact:
         config = QuantConfig.from_json_dict(manifest["config"])
         tensors, _ = read_safetensors(path / TENSORS)
         weights, prior, fp_params = decode_weights(tensors, manifest["layers"], config)
-        return cls(config, weights, manifest.get("act_clips", {}), prior, manifest, fp_params)
+        return cls(
+            config, weights, manifest.get("act_clips", {}), prior, manifest, fp_params, manifest.get("act_ranges", {})
+        )
 
 
 def encode_weights(

@@ -26,6 +26,7 @@ class QuantConfig:
     w_symmetric: bool = True
     a_symmetric: bool = True
     a_clip_ratio: float = 1.0
+    a_static: bool = False  # one calibrated scale per tensor instead of per-token dynamic (TensorRT INT8)
     head_bits: int = 16  # the LM head stays 16-bit by default
     # --- weight solver
     solver: Literal["rtn", "gptq"] = "gptq"
@@ -59,6 +60,8 @@ class QuantConfig:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         self.weight_spec()  # validates wbits / group_size
         self.act_spec()
+        if self.a_static and (self.abits != 8 or not self.a_symmetric):
+            raise ConfigError("static activation scales (a_static) take symmetric 8-bit activations (abits 8)")
         if self.head_bits not in (4, 8, 16):
             raise ConfigError(f"head_bits must be 4, 8 or 16, got {self.head_bits}")
         for name, choices in (

@@ -19,8 +19,9 @@ from faircalib.sampling.metrics import evaluate_parity, masked_nll, teacher_runs
 def fake_quant_student(teacher: Denoiser, artifact: QuantArtifact) -> Denoiser:
     """A copy of ``teacher`` running the artifact's weights and activation quantization."""
     return apply_quantization(
-        copy.deepcopy(teacher), artifact.weights, artifact.config, artifact.act_clips, artifact.fp_params
-    )
+        copy.deepcopy(teacher), artifact.weights, artifact.config, artifact.act_clips, artifact.fp_params,
+        artifact.act_ranges,
+    )  # fmt: skip
 
 
 @torch.no_grad()

@@ -1,15 +1,16 @@
-"""A linear layer that runs on quantized weights (held dequantized) with per-token fake-quant inputs:
-the PyTorch reference for what the exported graph computes."""
+"""A linear layer that runs on quantized weights with per-token quantized inputs: the PyTorch reference
+for what the exported graph computes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.nn.functional as F
 from torch import nn
 
-from faircalib.calib.quant import ActSpec, WeightSpec, dequantize_weight, fake_quant_activation
+from faircalib.calib.quant import ActSpec, WeightSpec, code_matmul, dequantize_weight, quantize_activation
 
 
 @dataclass(frozen=True)
@@ -24,22 +25,69 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scale, self.zero)
 
+    def centred_codes(self) -> torch.Tensor:
+        """codes - zero as float32 [N, K]: integers, so that W = centred codes * scale per group."""
+        codes = self.codes.float()
+        if self.zero is None:
+            return codes
+        groups = self.zero.shape[1]
+        return (codes.reshape(codes.shape[0], groups, -1) - self.zero.unsqueeze(-1)).reshape(codes.shape)
+
 
 class QuantLinear(nn.Module):
+    """y = x W^T + b on quantized weights.
+
+    With quantized activations the product is taken on integer codes and scaled afterwards
+    (``code_matmul``), as a W4A4 / W8A8 integer GEMM takes it. For 4-bit operands every partial sum is an
+    integer far below 2^24, so float32 gets it exactly in any summation order: ONNX Runtime then computes
+    these layers bit for bit as PyTorch does, and a rounding decision of a later activation quantizer
+    cannot tip one way here and the other way there.
+
+    Weight-only layers multiply by the dequantized weight, as TensorRT's int4 weight-only GEMM does, and
+    static per-tensor activations go through quantize / dequantize ops that export as the
+    QuantizeLinear -> DequantizeLinear pair TensorRT fuses into an INT8 GEMM.
+    """
+
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, act: ActSpec, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = weight.codes.shape
         self.quantized = weight
         self.act = act
-        self.register_buffer("weight", weight.dequantize().to(dtype))
+        self.dtype = dtype
+        if act.enabled and act.static_amax is None:
+            self.register_buffer("weight_codes", weight.centred_codes().T.contiguous())  # [K, N]
+            self.register_buffer("weight_scale", weight.scale.float().T.contiguous())  # [G, N]
+            self.weight = None
+        else:
+            self.register_buffer("weight", weight.dequantize().to(dtype))
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
 
+    @property
+    def device(self) -> torch.device:
+        return (self.weight if self.weight is not None else self.weight_codes).device
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_quant_activation(x, self.act), self.weight, self.bias)
+        if not self.act.enabled:
+            return F.linear(x, self.weight, self.bias)
+        if self.act.static_amax is not None:
+            return F.linear(static_quant_dequant(x, self.act), self.weight, self.bias)
+        codes, scale = quantize_activation(x, self.act)
+        y = code_matmul(codes, self.weight_codes.float(), self.weight_scale.float()) * scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         spec = self.quantized.spec
         return f"{self.in_features}, {self.out_features}, w{spec.bits} g{spec.group_size} a{self.act.bits}"
+
+
+def static_quant_dequant(x: torch.Tensor, act: ActSpec) -> torch.Tensor:
+    """x on the per-tensor grid of a static spec, as ONNX QuantizeLinear -> DequantizeLinear computes it."""
+    scale, qmax = act.static_scale, 2 ** (act.bits - 1) - 1
+    ops = torch.ops.quantized_decomposed
+    codes = ops.quantize_per_tensor(x, scale, 0, -qmax - 1, qmax, torch.int8)
+    return ops.dequantize_per_tensor(codes, scale, 0, -qmax - 1, qmax, torch.int8, out_dtype=x.dtype)
 
 
 def replace_linear(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

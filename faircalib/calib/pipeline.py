@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ class BlockReport:
 class CalibrationResult:
     weights: dict[str, QuantizedWeight]  # "blocks.{i}.{name}" -> quantized weight
     act_clips: dict[str, float]  # activation clip ratio per quantized linear, same keys
+    act_ranges: dict[str, float] = field(default_factory=dict)  # static activation peak |x| (a_static only)
     fp_params: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. smoothed norm scales
     blocks: list[BlockReport] = field(default_factory=list)
 
@@ -68,18 +69,19 @@ def collect_hessians(
     inputs: Sequence[torch.Tensor],
     contexts: Sequence[BlockContext],
     weights: Sequence[torch.Tensor],
-    act: ActSpec,
+    acts: Mapping[str, ActSpec],
 ) -> dict[str, torch.Tensor]:
     """Normalised weighted Hessian [K, K] (float64) per linear group, keyed by the group's first linear.
 
-    Inputs are fake-quantized first: GPTQ must see what the quantized layer will multiply.
+    Inputs are fake-quantized first (``acts``, by the same key): GPTQ must see what the quantized layer
+    will multiply.
     """
     sums: dict[str, tuple[torch.Tensor | None, float]] = {group[0]: (None, 0.0) for group in groups}
     current: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
         def collect(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = fake_quant_activation(args[0], act)
+            x = fake_quant_activation(args[0], acts[name])
             sums[name] = accumulate_hessian(*sums[name], x, current["weights"])
 
         return collect
@@ -93,6 +95,30 @@ def collect_hessians(
         for handle in handles:
             handle.remove()
     return {name: h / total for name, (h, total) in sums.items()}
+
+
+@torch.no_grad()
+def input_peaks(
+    model: Denoiser, block: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor],
+    contexts: Sequence[BlockContext],
+) -> dict[str, float]:  # fmt: skip
+    """max |x| over every calibration token of the input of each named linear of ``block``."""
+    peaks = dict.fromkeys(names, 0.0)
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            peaks[name] = max(peaks[name], float(args[0].detach().abs().amax()))
+
+        return record
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        for x, ctx in zip(inputs, contexts, strict=True):
+            model.run_block(block, x, ctx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return peaks
 
 
 def install(block: nn.Module, name: str, weight: QuantizedWeight, act: ActSpec, dtype: torch.dtype) -> QuantLinear:
@@ -116,18 +142,20 @@ def calibrate(
     *,
     done: Mapping[str, QuantizedWeight] | None = None,
     done_clips: Mapping[str, float] | None = None,
+    done_ranges: Mapping[str, float] | None = None,
     done_fp: Mapping[str, torch.Tensor] | None = None,
     on_block: Callable[[int, CalibrationResult, BlockReport], None] | None = None,
 ) -> CalibrationResult:
     """Quantize ``model``'s blocks in place (their linears become QuantLinear) and return the weights.
 
-    ``done`` / ``done_clips`` / ``done_fp`` hold what blocks finished by an earlier, interrupted run
+    ``done`` / ``done_clips`` / ``done_ranges`` / ``done_fp`` hold what blocks finished by an earlier, interrupted run
     produced: those blocks are installed as they were and only propagated. ``on_block(index, result,
     report)`` is called after each block (for checkpointing and progress).
     """
     if cfg.head_bits != 16:
         raise ConfigError("quantizing the LM head is not implemented yet: keep head_bits 16")
     done, done_clips, done_fp = dict(done or {}), dict(done_clips or {}), dict(done_fp or {})
+    done_ranges = dict(done_ranges or {})
     if cfg.rotate:
         rotate_model(model, cfg.seed)
     device, dtype = model.device, model.dtype
@@ -152,7 +180,7 @@ def calibrate(
         if all(key in done for key in keys.values()):
             set_fp_params(block, index, done_fp)
             for name, key in keys.items():
-                install(block, name, done[key], act_with_clip(act, done_clips.get(key)), dtype)
+                install(block, name, done[key], layer_act(act, done_clips.get(key), done_ranges.get(key)), dtype)
             result.fp_params.update({k: v for k, v in done_fp.items() if k.startswith(f"blocks.{index}.")})
             report.resumed = True
         else:
@@ -168,7 +196,11 @@ def calibrate(
             report.output_mse = mse / sum(float(w.sum()) for w in weights)
         hidden_fp = targets
         result.weights.update({keys[n]: block.get_submodule(n).quantized for n in names})
-        result.act_clips.update({keys[n]: block.get_submodule(n).act.clip_ratio for n in names})
+        for name in names:
+            layer_spec = block.get_submodule(name).act
+            result.act_clips[keys[name]] = layer_spec.clip_ratio
+            if layer_spec.static_amax is not None:
+                result.act_ranges[keys[name]] = layer_spec.static_amax
         report.seconds = time.perf_counter() - start
         result.blocks.append(report)
         if on_block is not None:
@@ -200,7 +232,11 @@ def calibrate_block(
         result.fp_params.update({layer_key(index, name): value for name, value in smoothed.items()})
     groups = model.linear_groups()
     act, spec = cfg.act_spec(), cfg.weight_spec()
-    hessians = collect_hessians(model, block, groups, inputs, contexts, weights, act) if cfg.solver == "gptq" else {}
+    acts = {group[0]: act for group in groups}  # every linear of a group reads the same input
+    if cfg.a_static:
+        peaks = input_peaks(model, block, list(acts), inputs, contexts)
+        acts = {name: replace(act, static_amax=peak) for name, peak in peaks.items()}
+    hessians = collect_hessians(model, block, groups, inputs, contexts, weights, acts) if cfg.solver == "gptq" else {}
     for group in groups:
         for name in group:
             w = block.get_submodule(name).weight.detach()
@@ -210,7 +246,7 @@ def calibrate_block(
                 quantized = QuantizedWeight(solved.codes, solved.scale, solved.zero, spec)
             else:
                 quantized = rtn_weight(w, cfg)
-            install(block, name, quantized, act, model.dtype)
+            install(block, name, quantized, acts[group[0]], model.dtype)
     if cfg.reconstruct and cfg.recon_steps > 0:
         names = [name for group in groups for name in group]
         with torch.enable_grad():
@@ -244,8 +280,11 @@ def set_fp_params(block: nn.Module, index: int, params: Mapping[str, torch.Tenso
             target.data.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
-def act_with_clip(act: ActSpec, clip: float | None) -> ActSpec:
-    return act if clip is None or not act.enabled else ActSpec(act.bits, act.symmetric, clip)
+def layer_act(act: ActSpec, clip: float | None, static_amax: float | None) -> ActSpec:
+    """The format's activation spec with one layer's calibrated clip ratio and static peak (if any)."""
+    if not act.enabled:
+        return act
+    return replace(act, clip_ratio=act.clip_ratio if clip is None else clip, static_amax=static_amax)
 
 
 def apply_quantization(
@@ -254,6 +293,7 @@ def apply_quantization(
     cfg: QuantConfig,
     clips: Mapping[str, float],
     fp_params: Mapping[str, torch.Tensor] | None = None,
+    ranges: Mapping[str, float] | None = None,
 ) -> Denoiser:
     """Turn a full-precision model into the fake-quant student of an artifact (in place): rotated as it was
     at calibration, calibrated full-precision parameters restored, every linear replaced."""
@@ -267,5 +307,7 @@ def apply_quantization(
                 key = layer_key(index, name)
                 if key not in weights:
                     raise ConfigError(f"the artifact has no weights for {key}")
-                install(block, name, weights[key], act_with_clip(act, clips.get(key)), model.dtype)
+                if cfg.a_static and key not in (ranges or {}):
+                    raise ConfigError(f"the artifact has no static activation range for {key}")
+                install(block, name, weights[key], layer_act(act, clips.get(key), (ranges or {}).get(key)), model.dtype)
     return model

@@ -50,17 +50,34 @@ class WeightSpec:
 
 @dataclass(frozen=True)
 class ActSpec:
-    """Per-token dynamic activation quantization; bits 16 means no quantization."""
+    """Activation quantization of one linear's input; bits 16 means none.
+
+    Per-token dynamic scales by default. ``static_amax`` (the input's calibrated peak |x|) switches to one
+    static per-tensor scale, static_amax * clip_ratio / qmax, symmetric 8-bit: what TensorRT's INT8 GEMMs take.
+    """
 
     bits: int = 16
     symmetric: bool = True
     clip_ratio: float = 1.0
+    static_amax: float | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8, 16):
             raise ConfigError(f"activation bits must be 4, 8 or 16, got {self.bits}")
         if not 0 < self.clip_ratio <= 1:
             raise ConfigError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if self.static_amax is not None:
+            if self.bits != 8 or not self.symmetric:
+                raise ConfigError("static per-tensor activation scales are symmetric 8-bit only")
+            if not self.static_amax > 0:  # also refuses NaN
+                raise ConfigError(f"static activation peak must be positive, got {self.static_amax}")
+
+    @property
+    def static_scale(self) -> float:
+        """The per-tensor scale of a static spec."""
+        if self.static_amax is None:
+            raise ConfigError("this activation spec has per-token dynamic scales")
+        return max(self.static_amax * self.clip_ratio / (2 ** (self.bits - 1) - 1), _TINY)
 
     @property
     def enabled(self) -> bool:
@@ -116,28 +133,60 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
-def fake_quant_activation(
+def quantize_activation(
     x: torch.Tensor, spec: ActSpec, clip: torch.Tensor | None = None, ste: bool = False
-) -> torch.Tensor:
-    """Per-token (last dimension) dynamic quantize-dequantize of x [..., K], in x's dtype.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantization of x [..., K] along its last dimension: zero-point-centred integer codes [..., K]
+    (float32, integer-valued) and scales [..., 1] per token ([] for a static spec), so that x ~ codes * scale.
 
     ``clip`` (a tensor) overrides ``spec.clip_ratio``; ``ste`` makes rounding differentiable.
     """
-    if not spec.enabled:
-        return x
     rnd = round_ste if ste else torch.round
     ratio = spec.clip_ratio if clip is None else clip
     xf = x.float()
+    if spec.static_amax is not None:
+        qmax = 2 ** (spec.bits - 1) - 1
+        scale = (torch.as_tensor(spec.static_amax * ratio, dtype=torch.float32, device=x.device) / qmax).clamp_min(
+            _TINY
+        )
+        return rnd(xf / scale).clamp(-qmax - 1, qmax), scale
     if spec.symmetric:
         qmax = 2 ** (spec.bits - 1) - 1
         scale = (xf.abs().amax(dim=-1, keepdim=True) * ratio / qmax).clamp_min(_TINY)
-        return (rnd(xf / scale).clamp(-qmax - 1, qmax) * scale).to(x.dtype)
+        return rnd(xf / scale).clamp(-qmax - 1, qmax), scale
     qmax = 2**spec.bits - 1
     hi = xf.amax(dim=-1, keepdim=True).clamp_min(0) * ratio
     lo = xf.amin(dim=-1, keepdim=True).clamp_max(0) * ratio
     scale = ((hi - lo) / qmax).clamp_min(_TINY)
     zero = torch.round(-lo / scale).detach()
-    return ((rnd(xf / scale + zero).clamp(0, qmax) - zero) * scale).to(x.dtype)
+    return rnd(xf / scale + zero).clamp(0, qmax) - zero, scale
+
+
+def fake_quant_activation(
+    x: torch.Tensor, spec: ActSpec, clip: torch.Tensor | None = None, ste: bool = False
+) -> torch.Tensor:
+    """Per-token quantize-dequantize of x [..., K] (see ``quantize_activation``), in x's dtype."""
+    if not spec.enabled:
+        return x
+    codes, scale = quantize_activation(x, spec, clip, ste)
+    return (codes * scale).to(x.dtype)
+
+
+def code_matmul(x_codes: torch.Tensor, w_codes_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """sum_k x_codes[..., k] * w_codes_t[k, n] * w_scale[group(k), n] -> [..., N], taken as an integer GEMM
+    takes it: one product of codes per weight group, scaled afterwards.
+
+    x_codes [..., K] and w_codes_t [K, N] are integer-valued (zero-points already subtracted), w_scale is
+    [G, N]. Every partial sum of a group product is an integer, exact in float32 below 2^24 whatever
+    order a GEMM adds in.
+    """
+    groups, (k, n) = w_scale.shape[0], w_codes_t.shape
+    if groups == 1:
+        return (x_codes @ w_codes_t) * w_scale[0]
+    lead = x_codes.shape[:-1]
+    per_group = x_codes.reshape(-1, groups, k // groups).transpose(0, 1)  # [G, T, K / G]
+    partial = per_group @ w_codes_t.reshape(groups, k // groups, n)  # [G, T, N]
+    return (partial * w_scale.unsqueeze(1)).sum(0).reshape(*lead, n)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ sum_j w_j ||h_fp(j) - h_q(j)||^2 / sum_j w_j. The result is kept only if that lo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ class LearnableQuantLinear(nn.Module):
             scale = self.scale * self.log_scale.exp()
             act = self.act
             if self.act_clip is not None:
-                act = ActSpec(act.bits, act.symmetric, float(self.act_clip.clamp(0.3, 1.0)))
+                act = replace(act, clip_ratio=float(self.act_clip.clamp(0.3, 1.0)))
         return QuantizedWeight(codes, scale.float(), self.start.zero, spec), act
 
 
@@ -115,7 +115,7 @@ def reconstruct_block(
     originals = {name: block.get_submodule(name) for name in names}
     learnables = {}
     for name, layer in originals.items():
-        learnables[name] = LearnableQuantLinear(layer.quantized, layer.bias, layer.act).to(layer.weight.device)
+        learnables[name] = LearnableQuantLinear(layer.quantized, layer.bias, layer.act).to(layer.device)
         replace_linear(block, name, learnables[name])
     params = [p for layer in learnables.values() for p in layer.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -164,8 +164,8 @@ def reconstruct_block(
     for name, learnable in learnables.items():
         original = originals[name]
         if kept:
-            weight, act = learnable.export(original.weight.dtype)
-            replace_linear(block, name, QuantLinear(weight, original.bias, act, original.weight.dtype))
+            weight, act = learnable.export(original.dtype)
+            replace_linear(block, name, QuantLinear(weight, original.bias, act, original.dtype))
         else:
             replace_linear(block, name, original)
     return ReconReport(before, after, kept)

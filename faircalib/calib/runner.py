@@ -103,7 +103,7 @@ def run_calibration(
     partial = out.with_name(out.name + ".partial")
     progress_path = partial / "progress.json"
     timings: dict[str, float] = {}
-    done, done_clips, done_fp, reports = {}, {}, {}, []
+    done, done_clips, done_ranges, done_fp, reports = {}, {}, {}, {}, []
 
     if partial.exists():
         progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
@@ -120,6 +120,7 @@ def run_calibration(
             done.update(weights)
             done_fp.update(fp_params)
             done_clips.update(json.loads(meta["clips"]))
+            done_ranges.update(json.loads(meta["ranges"]))
         reports = progress.get("blocks", [])
         if not quiet:
             print(f"resuming {out}: {len(reports)} block(s) already calibrated", file=sys.stderr)
@@ -145,9 +146,10 @@ def run_calibration(
             prefix = f"blocks.{index}."
             weights = {k: w for k, w in result.weights.items() if k.startswith(prefix)}
             clips = {k: c for k, c in result.act_clips.items() if k.startswith(prefix)}
+            ranges = {k: r for k, r in result.act_ranges.items() if k.startswith(prefix)}
             fp_params = {k: v for k, v in result.fp_params.items() if k.startswith(prefix)}
             layers = {k: list(w.codes.shape) for k, w in weights.items()}
-            meta = {"layers": json.dumps(layers), "clips": json.dumps(clips)}
+            meta = {"layers": json.dumps(layers), "clips": json.dumps(clips), "ranges": json.dumps(ranges)}
             tensors = encode_weights(weights, fp_params=fp_params)
             save_file(tensors, str(partial / f"block_{index:04d}.safetensors"), metadata=meta)
             reports.append(block_report_dict(report))
@@ -156,7 +158,10 @@ def run_calibration(
             bar.update(1)
 
     try:
-        result = calibrate(model, calib, cfg, done=done, done_clips=done_clips, done_fp=done_fp, on_block=checkpoint)
+        result = calibrate(
+            model, calib, cfg, done=done, done_clips=done_clips, done_ranges=done_ranges, done_fp=done_fp,
+            on_block=checkpoint,
+        )  # fmt: skip
     finally:
         bar.close()
     timings["stage2_seconds"] = stage2_before + time.perf_counter() - start
@@ -164,6 +169,7 @@ def run_calibration(
         config=cfg,
         weights=result.weights,
         act_clips=result.act_clips,
+        act_ranges=result.act_ranges,
         prior=calib.prior,
         fp_params=result.fp_params,
         manifest={

@@ -31,7 +31,7 @@ from faircalib.calib.evaluate import fake_quant_student
 from faircalib.calib.linear import QuantizedWeight, QuantLinear
 from faircalib.errors import ConfigError
 from faircalib.exporter.schedule_file import write_schedule
-from faircalib.exporter.trt_rules import check_tensorrt_int4
+from faircalib.exporter.trt_rules import check_tensorrt
 from faircalib.models import load_denoiser
 from faircalib.models.base import Denoiser
 from faircalib.models.checkpoint import write_json_atomic
@@ -50,8 +50,9 @@ class Profile:
     weight_bits: tuple[int, ...]
     activation_bits: tuple[int, ...]
     symmetric_only: bool
-    block_sizes: tuple[int, ...] | None  # None: per-channel or any group size
+    block_sizes: tuple[int | None, ...] | None  # the group sizes it takes (None in it: per-channel); None: any
     quantized: bool = True  # False: the full-precision teacher, the reference for speed
+    static_activations: bool = False  # per-tensor calibrated activation scales (QuantizeLinear), not per-token
 
     def check(self, artifact: QuantArtifact | None) -> None:
         if not self.quantized:
@@ -69,7 +70,11 @@ class Profile:
         if self.symmetric_only and not cfg.w_symmetric:
             problems.append("asymmetric weights with zero-points (it takes signed symmetric codes only)")
         if self.block_sizes is not None and cfg.group_size not in self.block_sizes:
-            problems.append(f"group size {cfg.group_size} (it takes blocks of {self.block_sizes} along K)")
+            takes = ", ".join("per-channel" if b is None else f"blocks of {b} along K" for b in self.block_sizes)
+            problems.append(f"group size {cfg.group_size} (it takes {takes})")
+        if cfg.abits < 16 and cfg.a_static != self.static_activations:
+            wanted = "static per-tensor (calibrate with --a-static)" if self.static_activations else "per-token"
+            problems.append(f"{'static' if cfg.a_static else 'per-token'} activation scales (it takes {wanted})")
         if problems:
             raise ConfigError(f"profile {self.name} cannot express this {cfg.format} artifact: " + "; ".join(problems))
 
@@ -79,6 +84,8 @@ PROFILES = {
     "ort-w4a16": Profile("ort-w4a16", torch.float32, False, (4,), (16,), False, None),
     "ort-w4a4": Profile("ort-w4a4", torch.float32, False, (4,), (4,), False, None),
     "ort-w4a8": Profile("ort-w4a8", torch.float32, False, (4,), (8,), False, None),
+    "trt-w8a8": Profile("trt-w8a8", torch.float16, True, (8,), (8,), True, (None,), static_activations=True),
+    "ort-w8a8": Profile("ort-w8a8", torch.float32, False, (8,), (8,), True, None, static_activations=True),
     "ort-fp32": Profile("ort-fp32", torch.float32, False, (), (), False, None, quantized=False),
 }
 
@@ -104,13 +111,15 @@ def _integer_array(codes: torch.Tensor, bits: int, signed: bool) -> np.ndarray:
 def quantize_weight_initializers(
     model: onnx.ModelProto, layers: dict[str, tuple[np.ndarray, QuantizedWeight]], scale_dtype: np.dtype
 ) -> int:
-    """Replace every float initializer equal to a layer's dequantized W^T by codes + DequantizeLinear.
+    """Replace every float initializer equal to a layer's W^T by codes + DequantizeLinear.
 
-    ``layers``: key -> (the float W^T the exporter folded, the quantized weight it came from).
-    Returns how many initializers were replaced; every layer must be found exactly once.
+    ``layers``: key -> (the float W^T the exporter folded, the quantized weight it came from). A W^T that
+    holds the centred codes themselves (layers with quantized activations, whose scales come after the
+    product) dequantizes with unit scales. Returns how many initializers were replaced; every layer must
+    be found exactly once.
     """
     graph = model.graph
-    wanted = {_digest(wt): (key, wt.shape, q) for key, (wt, q) in layers.items()}
+    wanted = {_digest(wt): (key, wt, q) for key, (wt, q) in layers.items()}
     if len(wanted) != len(layers):
         raise ConfigError("two quantized layers have identical weights: cannot tell their initializers apart")
     found: set[str] = set()
@@ -119,9 +128,9 @@ def quantize_weight_initializers(
             continue
         value = numpy_helper.to_array(init)
         match = wanted.get(_digest(value.astype(np.float32, copy=False)))
-        if match is None or tuple(value.shape) != match[1]:
+        if match is None or value.size != match[1].size:
             continue
-        key, _, q = match
+        key, wt, q = match
         if key in found:
             raise ConfigError(f"layer {key} appears twice in the exported graph")
         found.add(key)
@@ -132,6 +141,8 @@ def quantize_weight_initializers(
         group = q.codes.shape[1] // q.scale.shape[1]
         blocked = q.spec.group_size is not None  # even a single group: TensorRT takes blocked DQ only
         scale = q.scale.T.contiguous().numpy() if blocked else q.scale[:, 0].numpy()  # [G, N] or [N]
+        if np.array_equal(wt, q.centred_codes().T.numpy()):
+            scale = np.ones_like(scale)
         new = [numpy_helper.from_array(codes, inputs[0]), numpy_helper.from_array(scale.astype(scale_dtype), inputs[1])]
         if q.zero is not None:
             zero = q.zero.T.contiguous() if blocked else q.zero[:, 0]
@@ -139,16 +150,59 @@ def quantize_weight_initializers(
             new.append(numpy_helper.from_array(_integer_array(zero.round(), q.spec.bits, False), inputs[2]))
         graph.initializer.extend(new)
         attrs = {"axis": 0, "block_size": group} if blocked else {"axis": 1}
-        node = helper.make_node("DequantizeLinear", inputs, [init.name], name=f"{prefix}_dequantize", **attrs)
-        graph.node.insert(0, node)
+        nodes = [helper.make_node("DequantizeLinear", inputs, [init.name], name=f"{prefix}_dequantize", **attrs)]
+        if tuple(value.shape) != codes.shape:  # the exporter folded a reshape of W^T (per-group products)
+            nodes[0].output[0] = f"{prefix}_dequantized"
+            shape = numpy_helper.from_array(np.array(value.shape, dtype=np.int64), f"{prefix}_shape")
+            graph.initializer.append(shape)
+            reshape = helper.make_node(
+                "Reshape", [nodes[0].output[0], shape.name], [init.name], name=f"{prefix}_reshape"
+            )
+            nodes.append(reshape)
+        for node in reversed(nodes):
+            graph.node.insert(0, node)
     missing = sorted(set(layers) - found)
     if missing:
         raise ConfigError(f"the exported graph has no weight initializer for {', '.join(missing[:3])}")
     return len(found)
 
 
+def half_precision_activation_qdq(model: onnx.ModelProto) -> int:
+    """Give every activation QuantizeLinear -> DequantizeLinear pair fp16 scales and drop the Cast back
+    to fp16 behind it: the exporter keeps float32 scales on fp16 activations, which ONNX (and TensorRT)
+    refuse, since a quantizer's scale takes its input's type. Returns how many pairs changed."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    changed = 0
+    for quantize in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        users = consumers.get(quantize.output[0], [])
+        if len(users) != 1 or users[0].op_type != "DequantizeLinear":
+            continue
+        dequantize = users[0]
+        casts = consumers.get(dequantize.output[0], [])
+        to_half = [c for c in casts if c.op_type == "Cast" and helper.get_attribute_value(c.attribute[0]) == 10]
+        if not casts or len(to_half) != len(casts):
+            continue
+        for name in {quantize.input[1], dequantize.input[1]}:
+            scale = initializers[name]
+            scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale).astype(np.float16), name))
+        for cast in to_half:
+            for user in consumers.get(cast.output[0], []):
+                user.input[:] = [dequantize.output[0] if i == cast.output[0] else i for i in user.input]
+            graph.node.remove(cast)
+        changed += 1
+    if changed:
+        del graph.value_info[:]  # recorded float32 types for what is fp16 now; shape inference redoes it
+    return changed
+
+
 def quantized_layers(student: Denoiser) -> dict[str, tuple[np.ndarray, QuantizedWeight]]:
-    """key -> (W^T as the student multiplies it, in float32, and its quantized weight)."""
+    """key -> (W^T as the student multiplies it, in float32: the dequantized weight, or the centred codes
+    for layers with quantized activations; and its quantized weight)."""
     layers = {}
     for index, block in enumerate(student.blocks):
         for group in student.linear_groups():
@@ -156,10 +210,8 @@ def quantized_layers(student: Denoiser) -> dict[str, tuple[np.ndarray, Quantized
                 layer = block.get_submodule(name)
                 if not isinstance(layer, QuantLinear):
                     raise ConfigError(f"blocks.{index}.{name} is not quantized")
-                layers[f"blocks.{index}.{name}"] = (
-                    layer.weight.detach().float().T.contiguous().numpy(),
-                    layer.quantized,
-                )
+                folded = layer.weight.T if layer.weight is not None else layer.weight_codes
+                layers[f"blocks.{index}.{name}"] = (folded.detach().float().contiguous().numpy(), layer.quantized)
     return layers
 
 
@@ -180,6 +232,8 @@ def export_student(student: Denoiser, prof: Profile, opset: int = OPSET) -> onnx
     scale_dtype = np.float16 if prof.dtype == torch.float16 else np.float32
     # W^T is read from the student in its own dtype, so an fp16 initializer matches it exactly in float32.
     quantize_weight_initializers(model, quantized_layers(student), scale_dtype)
+    if prof.dtype == torch.float16:
+        half_precision_activation_qdq(model)
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -219,9 +273,9 @@ def export_bundle(
     student = student.to(prof.dtype)
     graph = export_student(student, prof, opset)
     if prof.tensorrt:
-        violations = check_tensorrt_int4(graph)
+        violations = check_tensorrt(graph)
         if violations:
-            raise ConfigError(f"the {prof.name} graph breaks TensorRT's int4 rules: {violations[0]}")
+            raise ConfigError(f"the {prof.name} graph breaks TensorRT's quantization rules: {violations[0]}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))

@@ -42,11 +42,30 @@ def random_hadamard(n: int, seed: int, max_block: int = 4096) -> torch.Tensor:
 
 
 def apply_block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x [..., n] @ blockdiag(H_b / sqrt(b)) without materialising the n x n matrix."""
+    """x [..., n] @ blockdiag(H_b / sqrt(b)) as a fast Walsh-Hadamard transform: log2(b) butterfly stages
+    of elementwise sums and differences, O(n log b).
+
+    Elementwise ops round the same way everywhere, so an exported graph (ONNX Runtime, TensorRT) rotates
+    bit for bit as PyTorch does, where a matrix product would add in its own order and could tip a later
+    activation quantizer's rounding. ``hadamard_reference`` is the matrix product it is tested against.
+    """
     n = x.shape[-1]
-    if n % block:
-        raise ConfigError(f"last dimension {n} is not a multiple of the Hadamard block {block}")
-    h = (hadamard_matrix(block, torch.float32) / block**0.5).to(x.device, x.dtype)
+    if n % block or block & (block - 1):
+        raise ConfigError(f"last dimension {n} is not a multiple of the power-of-two Hadamard block {block}")
+    lead = x.shape[:-1]
+    half = 1
+    while half < block:
+        pairs = x.reshape(*lead, n // (2 * half), 2, half)
+        low, high = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack([low + high, low - high], dim=-2).reshape(*lead, n)
+        half *= 2
+    return x * (1.0 / block**0.5)
+
+
+def hadamard_reference(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The slow reference of ``apply_block_hadamard``: a product with the materialised block matrix."""
+    n = x.shape[-1]
+    h = (hadamard_matrix(block, torch.float64) / block**0.5).to(x.device, x.dtype)
     return (x.reshape(*x.shape[:-1], n // block, block) @ h).reshape(x.shape)
 
 
