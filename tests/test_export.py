@@ -100,7 +100,8 @@ def test_trt_w8a8_graph(tiny_dirs, artifacts, tmp_path):
         assert list(inits[node.input[1]].dims) == [inits[node.input[0]].dims[1]]  # per output channel
         assert inits[node.input[1]].data_type == onnx.TensorProto.FLOAT16
     quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    assert len(quantizers) == 8  # q/k/v share one input, gate/up another: 4 activation tensors per block
+    assert len(quantizers) == 14  # a dedicated pair per linear, though q/k/v (and gate/up) read one tensor
+    assert len({n.input[1] for n in quantizers}) == 14
     for node in quantizers:
         assert list(inits[node.input[1]].dims) == [] and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT16
     assert check_tensorrt(model) == []
@@ -109,6 +110,16 @@ def test_trt_w8a8_graph(tiny_dirs, artifacts, tmp_path):
     got = ort_session(out / "model.onnx").run(None, {"input_ids": ids.numpy()})[0]
     want = student(ids).detach().numpy()
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # fp16 activations against the fp32 student
+
+
+def test_onnx_runtime_runs_every_w8a8_linear_as_an_integer_gemm(tiny_dirs, artifacts, tmp_path):
+    """What dedicated Q/DQ pairs are for: ORT fuses DQ -> MatMul into MatMulIntegerToFloat for all 14."""
+    out = export_bundle(tiny_dirs["llada"], artifacts["w8a8-static"], "ort-w8a8", tmp_path / "w8")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in optimized.graph.node) == 14
 
 
 def test_external_data_for_large_weights(tiny_dirs, artifacts, tmp_path):

@@ -200,6 +200,46 @@ def half_precision_activation_qdq(model: onnx.ModelProto) -> int:
     return changed
 
 
+def dedicated_activation_qdq(model: onnx.ModelProto) -> int:
+    """Give each consumer of a shared activation QuantizeLinear -> DequantizeLinear pair its own pair,
+    with its own copies of the scale and zero-point (the exporter merges the identical quantizers of q, k
+    and v, which read one tensor). ONNX Runtime turns DequantizeLinear -> MatMul into an integer GEMM only
+    when the pair serves that one MatMul, and its common-subexpression pass would merge pairs that share
+    their scale names. Returns how many pairs were added."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    added = 0
+    for quantize in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        pair = consumers.get(quantize.output[0], [])
+        if len(pair) != 1 or pair[0].op_type != "DequantizeLinear":
+            continue
+        dequantize = pair[0]
+        position = list(graph.node).index(dequantize) + 1
+        for user in consumers.get(dequantize.output[0], [])[1:]:
+            added += 1
+            tag = f"_{added}"
+            params = []
+            for name in quantize.input[1:]:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(initializers[name])
+                copy.name = name + tag
+                graph.initializer.append(copy)
+                params.append(copy.name)
+            codes, value = quantize.output[0] + tag, dequantize.output[0] + tag
+            nodes = [
+                helper.make_node("QuantizeLinear", [quantize.input[0], *params], [codes], name=quantize.name + tag),
+                helper.make_node("DequantizeLinear", [codes, *params], [value], name=dequantize.name + tag),
+            ]
+            for offset, node in enumerate(nodes):
+                graph.node.insert(position + offset, node)
+            user.input[:] = [value if name == dequantize.output[0] else name for name in user.input]
+    return added
+
+
 def quantized_layers(student: Denoiser) -> dict[str, tuple[np.ndarray, QuantizedWeight]]:
     """key -> (W^T as the student multiplies it, in float32: the dequantized weight, or the centred codes
     for layers with quantized activations; and its quantized weight)."""
@@ -234,6 +274,8 @@ def export_student(student: Denoiser, prof: Profile, opset: int = OPSET) -> onnx
     quantize_weight_initializers(model, quantized_layers(student), scale_dtype)
     if prof.dtype == torch.float16:
         half_precision_activation_qdq(model)
+    if prof.static_activations:
+        dedicated_activation_qdq(model)
     onnx.checker.check_model(model, full_check=True)
     return model
 
