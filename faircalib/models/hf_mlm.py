@@ -55,7 +55,13 @@ class HFMaskedLM(Denoiser):
 
     @classmethod
     def matches(cls, config: dict[str, Any]) -> bool:
-        return any(str(arch).endswith("ForMaskedLM") for arch in config.get("architectures") or ())
+        """A *ForMaskedLM architecture, or a model type transformers has a masked-LM class for: AntiBERTy
+        declares its own architecture name over a plain BERT masked LM (plus heads the MLM ignores)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+        if any(str(arch).endswith("ForMaskedLM") for arch in config.get("architectures") or ()):
+            return True
+        return config.get("model_type") in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     @classmethod
     def from_pretrained(
