@@ -188,3 +188,11 @@ def test_other_families_calibrate(tmp_path, tiny_dirs, family):
     apply_quantization(model, art.weights, art.config, art.act_clips, art.fp_params)
     ids = torch.tensor([prompts[0] + [model.spec.mask_token_id] * 4])
     assert model(ids).shape == teacher(ids).shape
+
+
+def test_fair_and_its_twin_rotate_whenever_activations_are_quantized():
+    for method in ("fair", "gptq-recon"):
+        assert preset(method, abits=4).rotate and preset(method, abits=8).rotate
+        assert not preset(method, abits=16).rotate and not preset(method).rotate
+        assert not preset(method, abits=8, rotate=False).rotate  # --no-rotate wins
+    assert not preset("gptq", abits=4).rotate  # the plain baselines stay as published

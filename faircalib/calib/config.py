@@ -122,11 +122,12 @@ _PRESETS: dict[str, dict[str, Any]] = {
 
 def preset(method: str, **overrides: Any) -> QuantConfig:
     """The config of a named method; ``overrides`` (e.g. from CLI flags) win. FAIR-Calib and its
-    uniform-weight twin rotate by default at 4-bit activations, where LLaMA-type blocks collapse without it."""
+    uniform-weight twin rotate by default whenever activations are quantized: LLaMA-type blocks collapse at
+    4-bit activations without it, and at 8 bits it still halves GPTQ's frontier flips (docs/RESULTS.md)."""
     if method not in _PRESETS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     values = dict(_PRESETS[method], method=method)
-    if method in ("fair", "gptq-recon") and overrides.get("abits") == 4:
+    if method in ("fair", "gptq-recon") and overrides.get("abits") in (4, 8):
         values["rotate"] = True
     values.update({k: v for k, v in overrides.items() if v is not None})
     return replace(QuantConfig(), **values)
