@@ -11,6 +11,17 @@ from faircalib.exporter.trt_rules import check_tensorrt
 K, N = 128, 64
 
 
+def gemm_model(nodes, inits):
+    """An opset-21 model of ``nodes`` from x [B, K] to y [B, N], both fp16."""
+    g = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["B", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["B", N])],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
 def graph(
     weight_type=TensorProto.INT4, dims=(K, N), scale_type=TensorProto.FLOAT16, axis=0, block=64,
     zero=None, transpose=False, consumer="MatMul", weight_first=False, act_int4=False,
@@ -42,13 +53,7 @@ def graph(
         x = "xd"
     operands = [weight_out, x] if weight_first else [x, weight_out]
     nodes.append(helper.make_node(consumer, operands, ["y"], name="gemm"))
-    g = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["B", K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["B", N])],
-        inits,
-    )  # fmt: skip
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return gemm_model(nodes, inits)
 
 
 def rules(model):
@@ -116,13 +121,7 @@ def int8_graph(
         helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], name="dq", axis=axis),
         helper.make_node("MatMul", ["xd", "wd"], ["y"], name="gemm"),
     ]
-    g = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["B", K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["B", N])],
-        inits,
-    )  # fmt: skip
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return gemm_model(nodes, inits)
 
 
 def test_a_conforming_int8_graph_passes_and_is_valid_onnx():

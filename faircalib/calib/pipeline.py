@@ -20,6 +20,7 @@ from torch import nn
 from faircalib.calib.config import QuantConfig
 from faircalib.calib.gptq import gptq_quantize
 from faircalib.calib.hessian import accumulate_hessian
+from faircalib.calib.hooks import hooked
 from faircalib.calib.linear import QuantizedWeight, QuantLinear, replace_linear
 from faircalib.calib.quant import ActSpec, fake_quant_activation, quantize_weight, weight_qparams
 from faircalib.calib.recon import HeadTerm, ReconReport, reconstruct_block, weighted_mse
@@ -86,14 +87,10 @@ def collect_hessians(
 
         return collect
 
-    handles = [block.get_submodule(g[0]).register_forward_pre_hook(hook(g[0])) for g in groups]
-    try:
+    with hooked(block, {g[0]: hook(g[0]) for g in groups}, pre=True):
         for x, ctx, w in zip(inputs, contexts, weights, strict=True):
             current["weights"] = w
             model.run_block(block, x, ctx)
-    finally:
-        for handle in handles:
-            handle.remove()
     return {name: h / total for name, (h, total) in sums.items()}
 
 
@@ -111,13 +108,9 @@ def input_peaks(
 
         return record
 
-    handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
-    try:
+    with hooked(block, {name: hook(name) for name in names}, pre=True):
         for x, ctx in zip(inputs, contexts, strict=True):
             model.run_block(block, x, ctx)
-    finally:
-        for handle in handles:
-            handle.remove()
     return peaks
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from faircalib.calib.hooks import hooked
 from faircalib.errors import ConfigError
 from faircalib.models.base import BlockContext, Denoiser
 
@@ -28,13 +29,9 @@ def norm_output_absmax(
 
         return record
 
-    handles = [block.get_submodule(name).register_forward_hook(hook(name)) for name in norm_names]
-    try:
+    with hooked(block, {name: hook(name) for name in norm_names}, pre=False):
         for x, ctx in zip(inputs, contexts, strict=True):
             model.run_block(block, x, ctx)
-    finally:
-        for handle in handles:
-            handle.remove()
     return peaks
 
 

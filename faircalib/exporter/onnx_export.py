@@ -30,6 +30,7 @@ from faircalib.calib.artifact import QuantArtifact, model_fingerprint, replace_d
 from faircalib.calib.evaluate import fake_quant_student
 from faircalib.calib.linear import QuantizedWeight, QuantLinear
 from faircalib.errors import ConfigError
+from faircalib.exporter.graph import activation_qdq_pairs, consumers
 from faircalib.exporter.schedule_file import write_schedule
 from faircalib.exporter.trt_rules import check_tensorrt
 from faircalib.models import load_denoiser
@@ -173,17 +174,10 @@ def half_precision_activation_qdq(model: onnx.ModelProto) -> int:
     refuse, since a quantizer's scale takes its input's type. Returns how many pairs changed."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    readers = consumers(graph)
     changed = 0
-    for quantize in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
-        users = consumers.get(quantize.output[0], [])
-        if len(users) != 1 or users[0].op_type != "DequantizeLinear":
-            continue
-        dequantize = users[0]
-        casts = consumers.get(dequantize.output[0], [])
+    for quantize, dequantize in list(activation_qdq_pairs(graph, readers)):
+        casts = readers.get(dequantize.output[0], [])
         to_half = [c for c in casts if c.op_type == "Cast" and helper.get_attribute_value(c.attribute[0]) == 10]
         if not casts or len(to_half) != len(casts):
             continue
@@ -191,7 +185,7 @@ def half_precision_activation_qdq(model: onnx.ModelProto) -> int:
             scale = initializers[name]
             scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale).astype(np.float16), name))
         for cast in to_half:
-            for user in consumers.get(cast.output[0], []):
+            for user in readers.get(cast.output[0], []):
                 user.input[:] = [dequantize.output[0] if i == cast.output[0] else i for i in user.input]
             graph.node.remove(cast)
         changed += 1
@@ -208,18 +202,11 @@ def dedicated_activation_qdq(model: onnx.ModelProto) -> int:
     their scale names. Returns how many pairs were added."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    readers = consumers(graph)
     added = 0
-    for quantize in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
-        pair = consumers.get(quantize.output[0], [])
-        if len(pair) != 1 or pair[0].op_type != "DequantizeLinear":
-            continue
-        dequantize = pair[0]
+    for quantize, dequantize in list(activation_qdq_pairs(graph, readers)):
         position = list(graph.node).index(dequantize) + 1
-        for user in consumers.get(dequantize.output[0], [])[1:]:
+        for user in readers.get(dequantize.output[0], [])[1:]:
             added += 1
             tag = f"_{added}"
             params = []

@@ -23,6 +23,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from faircalib.exporter.graph import consumers
+
 FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
 EIGHT_BIT = (TensorProto.INT8, TensorProto.UINT8)
 HALF = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -52,10 +54,7 @@ def check_tensorrt(model: onnx.ModelProto | str | Path) -> list[Violation]:
         model = onnx.load(str(model), load_external_data=False)
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    readers = consumers(graph)
     producers = {out: node for node in graph.node for out in node.output}
     violations: list[Violation] = []
 
@@ -74,7 +73,7 @@ def check_tensorrt(model: onnx.ModelProto | str | Path) -> list[Violation]:
             continue
         name = node.name or node.output[0]
         if weight.data_type in EIGHT_BIT:
-            violations.extend(_check_int8_weight(name, node, weight, initializers, consumers))
+            violations.extend(_check_int8_weight(name, node, weight, initializers, readers))
             continue
         if weight.data_type not in FOUR_BIT:
             continue
@@ -106,7 +105,7 @@ def check_tensorrt(model: onnx.ModelProto | str | Path) -> list[Violation]:
                 violations.append(Violation(name, "block size 64 or 128", f"block_size {block}"))
         if rank and weight.dims[-1] % 2:
             violations.append(Violation(name, "even last dimension", f"weight dims {list(weight.dims)}"))
-        k_axes, problems = _weight_k_axes(name, node, rank, consumers)
+        k_axes, problems = _weight_k_axes(name, node, rank, readers)
         violations.extend(problems)
         for k in sorted(k_axes - {axis}):
             violations.append(Violation(name, "blocked along K", f"blocked axis {axis}, K is axis {k}"))
@@ -136,7 +135,7 @@ def _check_activation_quantizer(node: onnx.NodeProto, initializers) -> list[Viol
     return out
 
 
-def _check_int8_weight(name, node, weight, initializers, consumers) -> list[Violation]:
+def _check_int8_weight(name, node, weight, initializers, readers) -> list[Violation]:
     rank = len(weight.dims)
     out = []
     if weight.data_type == TensorProto.UINT8:
@@ -150,24 +149,24 @@ def _check_int8_weight(name, node, weight, initializers, consumers) -> list[Viol
     if _attr(node, "block_size", 0) or len(scale.dims) > 1:
         out.append(Violation(name, "per-tensor or per-channel INT8 weights", "blocked scale"))
         return out
-    k_axes, problems = _weight_k_axes(name, node, rank, consumers)
+    k_axes, problems = _weight_k_axes(name, node, rank, readers)
     out.extend(problems)
     if len(scale.dims) == 1 and scale.dims[0] != 1 and axis in k_axes:
         out.append(Violation(name, "per-channel along N", f"scales along axis {axis}, the GEMM's K"))
     return out
 
 
-def _weight_k_axes(name, node, rank, consumers) -> tuple[set[int], list[Violation]]:
+def _weight_k_axes(name, node, rank, readers) -> tuple[set[int], list[Violation]]:
     """The axes of the dequantized weight that the GEMMs reading it reduce over (their K), and any
     problem with how it reaches them."""
     source = node.output[0]
-    users = consumers.get(source, [])
+    users = readers.get(source, [])
     k_axis = rank - 2  # MatMul(A, B): B is [..., K, N]
     if len(users) == 1 and users[0].op_type == "Transpose":
         perm = list(_attr(users[0], "perm", list(reversed(range(rank)))))
         k_axis = perm[rank - 2]
         source = users[0].output[0]
-        users = consumers.get(source, [])
+        users = readers.get(source, [])
     if not users or any(user.op_type not in GEMMS for user in users):
         found = sorted({user.op_type for user in users}) or ["nothing"]
         return set(), [Violation(name, "feeds MatMul/Gemm directly or through one Transpose", f"feeds {found}")]
