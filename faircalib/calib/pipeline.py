@@ -292,7 +292,7 @@ def apply_quantization(
     at calibration, calibrated full-precision parameters restored, every linear replaced."""
     if cfg.rotate:
         rotate_model(model, cfg.seed)
-    act = cfg.act_spec()
+    act, ranges = cfg.act_spec(), ranges or {}
     for index, block in enumerate(model.blocks):
         set_fp_params(block, index, fp_params or {})
         for group in model.linear_groups():
@@ -300,7 +300,7 @@ def apply_quantization(
                 key = layer_key(index, name)
                 if key not in weights:
                     raise ConfigError(f"the artifact has no weights for {key}")
-                if cfg.a_static and key not in (ranges or {}):
+                if cfg.a_static and key not in ranges:
                     raise ConfigError(f"the artifact has no static activation range for {key}")
-                install(block, name, weights[key], layer_act(act, clips.get(key), (ranges or {}).get(key)), model.dtype)
+                install(block, name, weights[key], layer_act(act, clips.get(key), ranges.get(key)), model.dtype)
     return model

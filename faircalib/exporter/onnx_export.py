@@ -109,18 +109,14 @@ def _integer_array(codes: torch.Tensor, bits: int, signed: bool) -> np.ndarray:
     return values.astype(np.int8 if signed else np.uint8)
 
 
-def quantize_weight_initializers(
-    model: onnx.ModelProto, layers: dict[str, tuple[np.ndarray, QuantizedWeight]], scale_dtype: np.dtype
-) -> int:
-    """Replace every float initializer equal to a layer's W^T by codes + DequantizeLinear.
+def quantize_weight_initializers(model: onnx.ModelProto, layers: dict[str, FoldedWeight], scale_dtype: np.dtype) -> int:
+    """Replace every float initializer equal to a layer's folded W^T by codes + DequantizeLinear.
 
-    ``layers``: key -> (the float W^T the exporter folded, the quantized weight it came from). A W^T that
-    holds the centred codes themselves (layers with quantized activations, whose scales come after the
-    product) dequantizes with unit scales. Returns how many initializers were replaced; every layer must
-    be found exactly once.
+    A W^T that holds the centred codes themselves (``scaled_after``) dequantizes with unit scales.
+    Returns how many initializers were replaced; every layer must be found exactly once.
     """
     graph = model.graph
-    wanted = {_digest(wt): (key, wt, q) for key, (wt, q) in layers.items()}
+    wanted = {_digest(layer.values): (key, layer) for key, layer in layers.items()}
     if len(wanted) != len(layers):
         raise ConfigError("two quantized layers have identical weights: cannot tell their initializers apart")
     found: set[str] = set()
@@ -129,9 +125,10 @@ def quantize_weight_initializers(
             continue
         value = numpy_helper.to_array(init)
         match = wanted.get(_digest(value.astype(np.float32, copy=False)))
-        if match is None or value.size != match[1].size:
+        if match is None or value.size != match[1].values.size:
             continue
-        key, wt, q = match
+        key, folded = match
+        q = folded.quantized
         if key in found:
             raise ConfigError(f"layer {key} appears twice in the exported graph")
         found.add(key)
@@ -142,7 +139,7 @@ def quantize_weight_initializers(
         group = q.codes.shape[1] // q.scale.shape[1]
         blocked = q.spec.group_size is not None  # even a single group: TensorRT takes blocked DQ only
         scale = q.scale.T.contiguous().numpy() if blocked else q.scale[:, 0].numpy()  # [G, N] or [N]
-        if np.array_equal(wt, q.centred_codes().T.numpy()):
+        if folded.scaled_after:
             scale = np.ones_like(scale)
         new = [numpy_helper.from_array(codes, inputs[0]), numpy_helper.from_array(scale.astype(scale_dtype), inputs[1])]
         if q.zero is not None:
@@ -227,9 +224,19 @@ def dedicated_activation_qdq(model: onnx.ModelProto) -> int:
     return added
 
 
-def quantized_layers(student: Denoiser) -> dict[str, tuple[np.ndarray, QuantizedWeight]]:
-    """key -> (W^T as the student multiplies it, in float32: the dequantized weight, or the centred codes
-    for layers with quantized activations; and its quantized weight)."""
+@dataclass(frozen=True)
+class FoldedWeight:
+    """W^T [K, N] as the student multiplies it, in float32 (what the exporter folds into an initializer):
+    the dequantized weight, or, when ``scaled_after`` (per-token quantized activations), the centred
+    codes whose scales are applied after the product."""
+
+    values: np.ndarray
+    quantized: QuantizedWeight
+    scaled_after: bool
+
+
+def quantized_layers(student: Denoiser) -> dict[str, FoldedWeight]:
+    """key -> the folded weight of every quantized linear of ``student``."""
     layers = {}
     for index, block in enumerate(student.blocks):
         for group in student.linear_groups():
@@ -237,8 +244,11 @@ def quantized_layers(student: Denoiser) -> dict[str, tuple[np.ndarray, Quantized
                 layer = block.get_submodule(name)
                 if not isinstance(layer, QuantLinear):
                     raise ConfigError(f"blocks.{index}.{name} is not quantized")
-                folded = layer.weight.T if layer.weight is not None else layer.weight_codes
-                layers[f"blocks.{index}.{name}"] = (folded.detach().float().contiguous().numpy(), layer.quantized)
+                scaled_after = layer.weight is None
+                values = layer.weight_codes if scaled_after else layer.weight.T
+                layers[f"blocks.{index}.{name}"] = FoldedWeight(
+                    values.detach().float().contiguous().numpy(), layer.quantized, scaled_after
+                )
     return layers
 
 
