@@ -46,9 +46,9 @@ SCHEDULE := --gen-length 32 --block-length 8 --steps 32
 demo: install
 	@echo "== full-precision teacher"
 	$(BIN)/faircalib generate --model $(MODEL) --prompt "$(PROMPT)" $(SCHEDULE) --quiet
-	@echo "== FAIR-Calib, W4A4 (rotated), calibrated on the teacher's own trajectories"
+	@echo "== FAIR-Calib, W4A4 (learned rotation), calibrated on the teacher's own trajectories"
 	$(BIN)/faircalib calibrate --model $(MODEL) --method fair --wbits 4 --abits 4 $(SCHEDULE) \
-		--n-prompts 16 --recon-steps 100 --out $(DEMO)/fair-w4a4
+		--n-prompts 16 --rotation-steps 50 --recon-steps 100 --out $(DEMO)/fair-w4a4
 	@echo "== export (ONNX, INT4 weights, per-token int4 activations) and decode on ONNX Runtime"
 	$(BIN)/faircalib export --model $(MODEL) --artifact $(DEMO)/fair-w4a4 --profile ort-w4a4 --out $(DEMO)/bundle
 	$(BIN)/faircalib generate --backend ort --onnx $(DEMO)/bundle --prompt "$(PROMPT)" --quiet

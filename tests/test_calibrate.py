@@ -9,7 +9,7 @@ import torch
 import faircalib.calib.pipeline as pipeline
 from faircalib.calib.artifact import QuantArtifact, model_fingerprint
 from faircalib.calib.config import preset
-from faircalib.calib.pipeline import apply_quantization
+from faircalib.calib.pipeline import ROTATION_KEY, apply_quantization
 from faircalib.calib.runner import run_calibration
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.models import load_denoiser
@@ -32,7 +32,7 @@ def small(method, **kw):
         small("gptq", abits=8, group_size=16),
         small("rtn", wbits=8, w_symmetric=False),
         small("quarot", abits=4),
-        small("fair", abits=4),
+        small("fair", abits=4, rotation_steps=4),
         small("smoothquant", wbits=8, abits=8),
         small("gptq-recon", wbits=8, abits=8, a_static=True),
     ],
@@ -67,7 +67,9 @@ def test_artifact_round_trip_reproduces_the_student(tmp_path, tiny_dirs, cfg):
     assert len(manifest["blocks"]) == 2 and not (tmp_path / "art.partial").exists()
     if cfg.weighting == "prior":
         assert loaded.prior is not None and loaded.prior.shape == (8,)
-    assert bool(loaded.fp_params) == (cfg.smooth_alpha is not None)  # smoothed norm scales travel along
+    # smoothed norm scales and a learned rotation travel along
+    assert (ROTATION_KEY in loaded.fp_params) == (cfg.rotation_steps > 0)
+    assert any(k.endswith("norm.weight") for k in loaded.fp_params) == (cfg.smooth_alpha is not None)
     # static activation scales: one calibrated peak per layer, and the student quantizes with it
     assert set(loaded.act_ranges) == (set(art.weights) if cfg.a_static else set())
     assert all(peak > 0 for peak in loaded.act_ranges.values())
@@ -131,8 +133,10 @@ def test_failed_save_leaves_no_artifact(tmp_path, tiny_dirs, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["art.partial"]  # progress survives for a resume
 
 
-def test_interrupted_run_resumes_from_the_last_finished_block(tmp_path, tiny_dirs, monkeypatch):
-    cfg = small("fair")
+@pytest.mark.parametrize(
+    "cfg", [small("fair"), small("fair", abits=4, rotation_steps=4)], ids=["w4a16", "w4a4-learned"]
+)
+def test_interrupted_run_resumes_from_the_last_finished_block(tmp_path, tiny_dirs, monkeypatch, cfg):
     whole = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "whole", quiet=True)
 
     real = pipeline.gptq_quantize
@@ -151,9 +155,12 @@ def test_interrupted_run_resumes_from_the_last_finished_block(tmp_path, tiny_dir
     assert len(list((tmp_path / "art.partial").glob("block_*.safetensors"))) == 1
 
     monkeypatch.setattr(pipeline, "gptq_quantize", real)
+    monkeypatch.setattr(pipeline, "learn_rotation", None)  # a resumed run reuses the checkpointed rotation
     resumed = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
     for key, w in whole.weights.items():
         assert torch.equal(resumed.weights[key].codes, w.codes), key
+    if cfg.rotation_steps:
+        assert torch.equal(resumed.fp_params[ROTATION_KEY], whole.fp_params[ROTATION_KEY])
     assert len(resumed.manifest["blocks"]) == 2
     block_seconds = sum(block["seconds"] for block in resumed.manifest["blocks"])
     assert resumed.manifest["timings"]["stage2_seconds"] >= block_seconds  # the interrupted run's time counts
@@ -196,3 +203,39 @@ def test_fair_and_its_twin_rotate_whenever_activations_are_quantized():
         assert not preset(method, abits=16).rotate and not preset(method).rotate
         assert not preset(method, abits=8, rotate=False).rotate  # --no-rotate wins
     assert not preset("gptq", abits=4).rotate  # the plain baselines stay as published
+    assert preset("fair", abits=4).rotation_steps == 100 and preset("gptq-recon", abits=4).rotation_steps == 100
+    assert preset("fair", abits=8).rotation_steps == 0 and preset("quarot", abits=4).rotation_steps == 0
+    assert preset("fair", abits=4, rotate=False).rotation_steps == 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(method="quarot", abits=16, rotate=True),
+        dict(method="gptq", abits=4),
+        dict(abits=8, rotate=True, a_static=True),
+    ],
+)
+def test_a_learned_rotation_needs_rotation_and_dynamic_activations(overrides):
+    with pytest.raises(ConfigError, match="learned rotation"):
+        preset(overrides.pop("method", "gptq-recon"), rotation_steps=10, **overrides)
+
+
+def test_a_learned_rotation_in_an_unrotated_config_is_refused(tiny_dirs):
+    cfg = small("gptq", abits=4)
+    dim = load_denoiser(tiny_dirs["llada"]).embed(IDS).shape[-1]
+    with pytest.raises(ConfigError, match="does not rotate"):
+        apply_quantization(load_denoiser(tiny_dirs["llada"]), {}, cfg, {}, {ROTATION_KEY: torch.eye(dim)})
+
+
+def test_format_1_artifacts_still_load_and_unknown_formats_are_refused(tmp_path, tiny_dirs):
+    run_calibration(tiny_dirs["llada"], small("rtn"), SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
+    manifest_path = tmp_path / "art" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for version, readable in ((1, True), (99, False)):  # format 1 differs only in never holding a learned rotation
+        manifest_path.write_text(json.dumps({**manifest, "format_version": version}))
+        if readable:
+            assert QuantArtifact.load(tmp_path / "art").weights
+        else:
+            with pytest.raises(CheckpointError, match="artifact format 99"):
+                QuantArtifact.load(tmp_path / "art")

@@ -34,7 +34,7 @@ def artifacts(tiny_dirs, tmp_path_factory):
     configs = {
         "sym-g64": preset("gptq", group_size=64),
         "asym-g16": preset("gptq", group_size=16, w_symmetric=False),
-        "quarot-a4": preset("quarot", abits=4),
+        "rotated-a4": preset("quarot", abits=4, rotation_steps=10),  # learned on top of the Hadamard
         "asym-g16-a4": preset("gptq", group_size=16, w_symmetric=False, abits=4, a_symmetric=False),
         "w8a8-static": preset("gptq", wbits=8, abits=8, a_static=True),
     }
@@ -72,7 +72,7 @@ def test_trt_w4a16_graph(tiny_dirs, artifacts, tmp_path):
 
 @pytest.mark.parametrize(
     "name,profile_name",
-    [("asym-g16", "ort-w4a16"), ("quarot-a4", "ort-w4a4"), ("asym-g16-a4", "ort-w4a4"), ("w8a8-static", "ort-w8a8")],
+    [("asym-g16", "ort-w4a16"), ("rotated-a4", "ort-w4a4"), ("asym-g16-a4", "ort-w4a4"), ("w8a8-static", "ort-w8a8")],
 )
 def test_ort_matches_the_fake_quant_student(tiny_dirs, artifacts, tmp_path, name, profile_name):
     out = export_bundle(tiny_dirs["llada"], artifacts[name], profile_name, tmp_path / name)
@@ -136,9 +136,9 @@ def test_external_data_for_large_weights(tiny_dirs, artifacts, tmp_path):
     "name,profile_name,message",
     [
         ("asym-g16", "trt-w4a16", "asymmetric weights"),
-        ("quarot-a4", "trt-w4a16", "4-bit activations"),
+        ("rotated-a4", "trt-w4a16", "4-bit activations"),
         ("sym-g64", "ort-w4a4", "16-bit activations"),
-        ("quarot-a4", "trt-w8a8", "4-bit weights"),
+        ("rotated-a4", "trt-w8a8", "4-bit weights"),
         ("w8a8-static", "ort-w4a8", "8-bit weights"),
     ],
 )
@@ -171,9 +171,9 @@ def test_generate_and_parity_on_onnx_runtime(tiny_dirs, artifacts, tmp_path, cap
     from faircalib.runtime.backends import OrtBackend
     from faircalib.runtime.driver import run_bundle
 
-    out = export_bundle(tiny_dirs["llada"], artifacts["quarot-a4"], "ort-w4a4", tmp_path / "a4")
+    out = export_bundle(tiny_dirs["llada"], artifacts["rotated-a4"], "ort-w4a4", tmp_path / "a4")
     prompt = torch.tensor([[5, 6, 7, 8]])
-    student = fake_quant_student(load_denoiser(tiny_dirs["llada"]), QuantArtifact.load(artifacts["quarot-a4"]))
+    student = fake_quant_student(load_denoiser(tiny_dirs["llada"]), QuantArtifact.load(artifacts["rotated-a4"]))
     assert torch.equal(run_bundle(OrtBackend(out), out, prompt).tokens, run_bundle(student, out, prompt).tokens)
 
     assert (
@@ -185,7 +185,7 @@ def test_generate_and_parity_on_onnx_runtime(tiny_dirs, artifacts, tmp_path, cap
     prompts.write_text("x\\n")  # the tiny model has no tokenizer: parity needs prompts it can read
     code = main([
         "parity", "--backend", "ort", "--onnx", str(out), "--model", str(tiny_dirs["llada"]),
-        "--artifact", str(artifacts["quarot-a4"]), "--prompts", str(prompts), "--json", "--quiet",
+        "--artifact", str(artifacts["rotated-a4"]), "--prompts", str(prompts), "--json", "--quiet",
     ])  # fmt: skip
     assert code == 2 and "no tokenizer" in capsys.readouterr().err
 
@@ -196,9 +196,9 @@ def test_exported_w4a4_student_makes_the_fake_quant_students_decisions(tiny_dirs
     from faircalib.runtime.backends import OrtBackend
     from faircalib.sampling.metrics import decision_agreement, teacher_runs
 
-    out = export_bundle(tiny_dirs["llada"], artifacts["quarot-a4"], "ort-w4a4", tmp_path / "a4")
+    out = export_bundle(tiny_dirs["llada"], artifacts["rotated-a4"], "ort-w4a4", tmp_path / "a4")
     teacher = load_denoiser(tiny_dirs["llada"])
-    student = fake_quant_student(teacher, QuantArtifact.load(artifacts["quarot-a4"]))
+    student = fake_quant_student(teacher, QuantArtifact.load(artifacts["rotated-a4"]))
     prompts = torch.randint(3, 90, (16, 6), generator=torch.Generator().manual_seed(3)).tolist()
     references = teacher_runs(teacher, prompts, SAMPLING, teacher.spec)
     agreement = decision_agreement(OrtBackend(out), student, references, SAMPLING, teacher.spec)

@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from faircalib.calib.rotation import rotate_model
+from faircalib.calib.pipeline import decision_masks
+from faircalib.calib.quant import ActSpec, fake_quant_activation
+from faircalib.calib.recon import weighted_kl
+from faircalib.calib.rotation import fold_rotation, learn_rotation, rotate_model, skew_rotation
 from faircalib.errors import ConfigError
 from faircalib.kernels.hadamard import (
     OnlineHadamard,
@@ -59,6 +62,64 @@ def test_rotation_preserves_the_function(family):
     rotate_model(model, seed=1)
     torch.testing.assert_close(model(IDS), before, rtol=1e-4, atol=1e-4)
     assert type(model.blocks[0].get_submodule(model.rotation_layout().ffn_down_input)) is OnlineHadamard
+
+
+def test_skew_rotation_is_orthogonal():
+    a = torch.randn(16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r = skew_rotation(a)
+    torch.testing.assert_close(r @ r.T, torch.eye(16, dtype=torch.float64))
+    torch.testing.assert_close(skew_rotation(torch.zeros(4, 4)), torch.eye(4))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_second_rotation_folds_without_changing_the_function(family):
+    model = tiny_denoiser(family, seed=4)
+    before = model(IDS)
+    layout = rotate_model(model, seed=1)
+    dim = model.embed(IDS).shape[-1]
+    fold_rotation(model, layout, skew_rotation(torch.randn(dim, dim, dtype=torch.float64)))
+    torch.testing.assert_close(model(IDS), before, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="does not fit"):
+        fold_rotation(model, layout, torch.eye(dim + 1, dtype=torch.float64))
+
+
+def _four_bit_kl(model, tokens, weights, masks, act):
+    """The learned rotation's objective on every state: full-precision vs 4-bit-activation logits."""
+    names = [name for group in model.linear_groups() for name in group]
+    fp = model(tokens)
+    handles = [
+        block.get_submodule(n).register_forward_pre_hook(lambda m, a: (fake_quant_activation(a[0], act),))
+        for block in model.blocks
+        for n in names
+    ]
+    quantized = model(tokens)
+    for handle in handles:
+        handle.remove()
+    return float(weighted_kl(quantized[masks], fp[masks], weights[masks]))
+
+
+@torch.no_grad()
+def test_learned_rotation_lowers_the_four_bit_kl_and_leaves_the_model_alone():
+    model = tiny_denoiser("llada", seed=4)
+    layout = rotate_model(model, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 90, (24, 10), generator=gen)
+    tokens[:, 5:] = torch.where(torch.rand(24, 5, generator=gen) < 0.6, model.spec.mask_token_id, tokens[:, 5:])
+    weights = 1 + torch.rand(24, 10, generator=gen)
+    masks = decision_masks([tokens], model.spec)[0]
+    act = ActSpec(4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _four_bit_kl(model, tokens, weights, masks, act)
+    with torch.enable_grad():
+        r = learn_rotation(model, [tokens], [weights], [masks], act, steps=30, lr=2e-2, batch=8, seed=0)
+    assert r.dtype == torch.float64
+    torch.testing.assert_close(r @ r.T, torch.eye(r.shape[0], dtype=torch.float64))
+    assert model.state_dict().keys() == state.keys()  # the parametrizations are gone ...
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # ... and left the weights as they were
+    assert not any(m._forward_pre_hooks for m in model.modules())  # so are the quantization hooks
+    fold_rotation(model, layout, r)
+    after = _four_bit_kl(model, tokens, weights, masks, act)
+    assert after < 0.8 * before, (before, after)
 
 
 def test_rotation_spreads_an_outlier_channel():

@@ -25,7 +25,8 @@ from faircalib.calib.quant import pack_int4, unpack_int4
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.models.checkpoint import read_json_object, read_safetensors
 
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 2  # 2: a learned residual rotation may travel among the full-precision params
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -109,8 +110,8 @@ class QuantArtifact:
             raise CheckpointError(f"{path} is not a faircalib artifact (no {MANIFEST} / {TENSORS})")
         manifest = read_json_object(path / MANIFEST)
         version = manifest.get("format_version")
-        if version != ARTIFACT_FORMAT:
-            raise CheckpointError(f"{path}: artifact format {version!r}, this faircalib reads {ARTIFACT_FORMAT}")
+        if version not in READABLE_FORMATS:
+            raise CheckpointError(f"{path}: artifact format {version!r}, this faircalib reads {READABLE_FORMATS}")
         config = QuantConfig.from_json_dict(manifest["config"])
         tensors, _ = read_safetensors(path / TENSORS)
         weights, prior, fp_params = decode_weights(tensors, manifest["layers"], config)

@@ -24,13 +24,15 @@ from faircalib.calib.hooks import hooked
 from faircalib.calib.linear import QuantizedWeight, QuantLinear, replace_linear
 from faircalib.calib.quant import ActSpec, fake_quant_activation, quantize_weight, weight_qparams
 from faircalib.calib.recon import HeadTerm, ReconReport, reconstruct_block, weighted_mse
-from faircalib.calib.rotation import rotate_model
+from faircalib.calib.rotation import fold_rotation, learn_rotation, rotate_model
 from faircalib.calib.smooth import smooth_block
 from faircalib.calib.states import CalibrationSet
 from faircalib.errors import ConfigError
 from faircalib.models.base import BlockContext, Denoiser
 
 log = logging.getLogger(__name__)
+
+ROTATION_KEY = "rotation"  # the learned residual rotation [D, D] among a result's full-precision params
 
 
 @dataclass
@@ -138,19 +140,21 @@ def calibrate(
     done_ranges: Mapping[str, float] | None = None,
     done_fp: Mapping[str, torch.Tensor] | None = None,
     on_block: Callable[[int, CalibrationResult, BlockReport], None] | None = None,
+    on_rotation_step: Callable[[], None] | None = None,
+    on_rotation: Callable[[torch.Tensor], None] | None = None,
 ) -> CalibrationResult:
     """Quantize ``model``'s blocks in place (their linears become QuantLinear) and return the weights.
 
-    ``done`` / ``done_clips`` / ``done_ranges`` / ``done_fp`` hold what blocks finished by an earlier, interrupted run
-    produced: those blocks are installed as they were and only propagated. ``on_block(index, result,
-    report)`` is called after each block (for checkpointing and progress).
+    ``done`` / ``done_clips`` / ``done_ranges`` / ``done_fp`` hold what an earlier, interrupted run
+    produced: its finished blocks are installed as they were and only propagated, and its learned rotation
+    (``done_fp[ROTATION_KEY]``) is not learned again. ``on_block(index, result, report)`` is called after
+    each block, ``on_rotation(r)`` once a rotation is learned (for checkpointing), ``on_rotation_step()``
+    after each step of learning it (for progress).
     """
     if cfg.head_bits != 16:
         raise ConfigError("quantizing the LM head is not implemented yet: keep head_bits 16")
     done, done_clips, done_fp = dict(done or {}), dict(done_clips or {}), dict(done_fp or {})
     done_ranges = dict(done_ranges or {})
-    if cfg.rotate:
-        rotate_model(model, cfg.seed)
     device, dtype = model.device, model.dtype
     act = cfg.act_spec()
     names = [name for group in model.linear_groups() for name in group]
@@ -158,6 +162,20 @@ def calibrate(
     weights = [c.weights.to(device=device, dtype=torch.float32) for c in calib.chunks]
     contexts = [model.block_context(t) for t in tokens]
     result = CalibrationResult({}, {})
+    if cfg.rotate:
+        layout = rotate_model(model, cfg.seed)
+        learned = done_fp.get(ROTATION_KEY)
+        if learned is None and cfg.rotation_steps > 0:
+            # float32, as the artifact stores it, so the student is rotated by exactly what calibration saw
+            learned = learn_rotation(
+                model, tokens, weights, decision_masks(tokens, model.spec), act, steps=cfg.rotation_steps,
+                lr=cfg.rotation_lr, batch=cfg.rotation_batch, seed=cfg.seed, on_step=on_rotation_step,
+            ).float()  # fmt: skip
+            if on_rotation is not None:
+                on_rotation(learned)
+        if learned is not None:
+            fold_rotation(model, layout, learned)
+            result.fp_params[ROTATION_KEY] = learned
 
     with torch.no_grad():
         hidden_q = [model.embed(t) for t in tokens]
@@ -290,8 +308,13 @@ def apply_quantization(
 ) -> Denoiser:
     """Turn a full-precision model into the fake-quant student of an artifact (in place): rotated as it was
     at calibration, calibrated full-precision parameters restored, every linear replaced."""
+    learned = (fp_params or {}).get(ROTATION_KEY)
     if cfg.rotate:
-        rotate_model(model, cfg.seed)
+        layout = rotate_model(model, cfg.seed)
+        if learned is not None:
+            fold_rotation(model, layout, learned)
+    elif learned is not None:
+        raise ConfigError("the artifact holds a learned rotation, but its config does not rotate")
     act, ranges = cfg.act_spec(), ranges or {}
     for index, block in enumerate(model.blocks):
         set_fp_params(block, index, fp_params or {})

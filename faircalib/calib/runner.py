@@ -1,14 +1,16 @@
 """`faircalib calibrate` end to end: Stage I probe -> calibration states -> Stage II -> QuantArtifact.
 
 Progress survives interruption: the calibration states and every finished block are checkpointed in
-``OUT.partial/`` and a rerun with the same model, config, schedule and prompts resumes from the last
-finished block. The artifact itself appears only when everything is done.
+``OUT.partial/`` (with the learned rotation, when there is one) and a rerun with the same model, config,
+schedule and prompts resumes from the last finished block. The artifact itself appears only when
+everything is done.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import shutil
 import sys
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from faircalib import __version__
 from faircalib.calib.artifact import QuantArtifact, decode_weights, encode_weights, model_fingerprint
 from faircalib.calib.config import QuantConfig
-from faircalib.calib.pipeline import BlockReport, CalibrationResult, calibrate, check_shapes
+from faircalib.calib.pipeline import ROTATION_KEY, BlockReport, CalibrationResult, calibrate, check_shapes
 from faircalib.calib.probe import ProbeStats
 from faircalib.calib.states import CalibrationSet, StateChunk, probe_teacher, teacher_states, text_states
 from faircalib.errors import ConfigError
@@ -121,6 +123,8 @@ def run_calibration(
             done_fp.update(fp_params)
             done_clips.update(json.loads(meta["clips"]))
             done_ranges.update(json.loads(meta["ranges"]))
+        if (partial / "rotation.safetensors").is_file():
+            done_fp[ROTATION_KEY] = read_safetensors(partial / "rotation.safetensors")[0][ROTATION_KEY]
         reports = progress.get("blocks", [])
         if not quiet:
             print(f"resuming {out}: {len(reports)} block(s) already calibrated", file=sys.stderr)
@@ -136,6 +140,16 @@ def run_calibration(
         timings["stage1_seconds"] = time.perf_counter() - start
         save_calibration_set(calib, partial / "states.safetensors")
         write_json_atomic(progress_path, {"identity": identity, "timings": timings, "blocks": []})
+
+    learning = cfg.rotation_steps > 0 and ROTATION_KEY not in done_fp
+    rotation_bar = tqdm(total=cfg.rotation_steps, desc="stage II: rotation", unit="step", disable=quiet or not learning)
+
+    def rotation_done(rotation: torch.Tensor) -> None:
+        rotation_bar.close()
+        timings["rotation_seconds"] = time.perf_counter() - start
+        staging = partial / "rotation.safetensors.tmp"  # a kill mid-write must not leave a torn rotation
+        save_file({ROTATION_KEY: rotation.cpu().contiguous()}, str(staging))
+        os.replace(staging, partial / "rotation.safetensors")
 
     bar = tqdm(total=len(model.blocks), initial=len(reports), desc="stage II: blocks", unit="block", disable=quiet)
     stage2_before = timings.get("stage2_seconds", 0.0)  # spent by an interrupted run on its finished blocks
@@ -160,9 +174,10 @@ def run_calibration(
     try:
         result = calibrate(
             model, calib, cfg, done=done, done_clips=done_clips, done_ranges=done_ranges, done_fp=done_fp,
-            on_block=checkpoint,
+            on_block=checkpoint, on_rotation_step=rotation_bar.update, on_rotation=rotation_done,
         )  # fmt: skip
     finally:
+        rotation_bar.close()
         bar.close()
     timings["stage2_seconds"] = stage2_before + time.perf_counter() - start
     artifact = QuantArtifact(
