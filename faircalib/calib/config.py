@@ -130,7 +130,7 @@ def preset(method: str, **overrides: Any) -> QuantConfig:
     """The config of a named method; ``overrides`` (e.g. from CLI flags) win. FAIR-Calib and its
     uniform-weight twin rotate by default whenever activations are quantized: LLaMA-type blocks collapse at
     4-bit activations without it, and at 8 bits it still halves GPTQ's frontier flips. At 4-bit activations
-    they also learn the rotation, which cuts commit-order and write errors by a tenth (docs/RESULTS.md)."""
+    they also learn the rotation, which cuts their frontier flips by 0.5 to 0.8 points (docs/RESULTS.md)."""
     if method not in _PRESETS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     values = dict(_PRESETS[method], method=method)
