@@ -154,7 +154,7 @@ def learn_rotation(
     for reader, linears in ((True, readers), (False, writers)):
         for linear in linears:
             parametrize.register_parametrization(linear, "weight", _Turned(current, reader))
-            if linear.bias is not None:
+            if linear.bias is not None and not reader:  # a reader's bias lives on its output side
                 parametrize.register_parametrization(linear, "bias", _Turned(current, reader))
 
     def quantize_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
