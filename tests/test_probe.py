@@ -125,6 +125,26 @@ def test_token_weights_margin_and_boundary():
     assert float(clipped.max()) == 2.0
 
 
+def test_token_weights_frontier_weighs_near_ties_being_decided():
+    inf = float("inf")
+    record = record_with(
+        confidence=[-inf, 0.9, 0.85, 0.3, -inf],
+        committed=[False, True, False, False, False],
+        margin=[0, 0.5, 0.01, 0.0, 0.2],  # offset 2 ties but sits off the frontier (commit + 1 near miss)
+        tokens=[1, MASK, MASK, MASK, 4],
+    )
+    prior = torch.tensor([1.0, 2.0, 1.0, 1.0])
+    w = token_weights(record, 1, prior, MASK, beta=4.0, w_max=100.0, fragility="frontier", tau=0.01)
+    expected = [
+        1.0,
+        1 + 4 * 1 * torch.exp(torch.tensor(-50.0)).item(),
+        1 + 4 * 2 * torch.exp(torch.tensor(-1.0)).item(),
+        1.0,
+        1.0,
+    ]
+    assert w[0].tolist() == pytest.approx(expected, rel=1e-5)
+
+
 def test_token_weights_reject_mismatched_prior():
     record = record_with([0.1, 0.2], [False, True], [0, 0], [1, MASK])
     with pytest.raises(ConfigError, match="prior covers 3 positions"):

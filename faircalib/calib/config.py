@@ -50,7 +50,7 @@ class QuantConfig:
     beta: float = 4.0
     w_min: float = 1.0
     w_max: float = 8.0
-    fragility: Literal["margin", "boundary"] = "boundary"
+    fragility: Literal["margin", "boundary", "frontier"] = "boundary"
     tau: float = 0.02
     # --- reconstruction (Stage II step 3)
     reconstruct: bool = True
@@ -72,7 +72,7 @@ class QuantConfig:
             ("solver", ("rtn", "gptq")),
             ("states", ("teacher", "text")),
             ("weighting", ("uniform", "prior")),
-            ("fragility", ("margin", "boundary")),
+            ("fragility", ("margin", "boundary", "frontier")),
         ):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")

@@ -9,8 +9,10 @@ Definitions (ours; the paper's equations are not public, DESIGN.md section 4):
 - prior pi(j) = lam * H(j) / mean(H) + (1 - lam) * (1 - R(j)) / mean(1 - R), pooled by offset within
   the block when decoding is semi-autoregressive (each normalised to mean 1 over the region).
 - token weight in a teacher state: w = clip(1 + beta * pi(j) * f, w_min, w_max) on masked generated
-  positions, 1 elsewhere, with fragility f either 1 - margin ('margin') or closeness of the position's
-  confidence to that step's commit threshold, exp(-|c - c*| / tau) ('boundary').
+  positions, 1 elsewhere, with fragility f one of: 1 - margin ('margin'); closeness of the position's
+  confidence to that step's commit threshold, exp(-|c - c*| / tau) ('boundary'); or, on the step's
+  frontier only, closeness of its top-2 tokens, exp(-margin / tau) ('frontier': the decisions that flip
+  are near-ties between two tokens at positions being committed, docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -124,8 +126,11 @@ def token_weights(
         confidence = record.confidence[:, prompt_length:]
         distance = (confidence - commit_threshold(record)).abs()
         f = torch.where(torch.isfinite(confidence), torch.exp(-distance / tau), torch.zeros_like(distance))
+    elif fragility == "frontier":
+        margin = record.margin[:, prompt_length:]
+        f = torch.where(frontier(record)[:, prompt_length:], torch.exp(-margin / tau), torch.zeros_like(margin))
     else:
-        raise ConfigError(f"fragility must be 'margin' or 'boundary', got {fragility!r}")
+        raise ConfigError(f"fragility must be 'margin', 'boundary' or 'frontier', got {fragility!r}")
     w_gen = (1 + beta * prior.to(f.device) * f).clamp(w_min, w_max)
     weights = torch.ones(record.tokens.shape, dtype=torch.float32, device=record.tokens.device)
     weights[:, prompt_length:] = torch.where(masked, w_gen.float(), torch.ones_like(w_gen).float())

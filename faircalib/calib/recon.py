@@ -61,6 +61,9 @@ class LearnableQuantLinear(nn.Module):
         return QuantizedWeight(codes, scale.float(), self.start.zero, spec), act
 
 
+FULL_PASS_STATES = 32  # states per forward when the objective is evaluated on the whole calibration set
+
+
 @dataclass(frozen=True)
 class ReconReport:
     loss_before: float  # the combined objective, each term normalised to 1 at the start
@@ -134,13 +137,18 @@ def reconstruct_block(
         return mse, kl
 
     def full_terms() -> tuple[float, float]:
+        """Both terms over every state, in slices: the head term's logits are [S, L, vocab]."""
+        sums, totals = [0.0, 0.0], [0.0, 0.0]
         with torch.no_grad():
-            sums = [0.0, 0.0]
             for c in range(len(inputs)):
-                for k, value in enumerate(terms(c, slice(None))):
-                    sums[k] += float(value) * inputs[c].shape[0]
-        n = sum(x.shape[0] for x in inputs)
-        return sums[0] / n, sums[1] / n
+                for start in range(0, inputs[c].shape[0], FULL_PASS_STATES):
+                    rows = slice(start, start + FULL_PASS_STATES)
+                    w = weights[c][rows]
+                    mass = (float(w.sum()), float((w * head.decision_masks[c][rows]).sum()) if head else 0.0)
+                    for k, value in enumerate(terms(c, rows)):
+                        sums[k] += float(value) * mass[k]
+                        totals[k] += mass[k]
+        return sums[0] / max(totals[0], 1e-12), sums[1] / max(totals[1], 1e-12)
 
     mse_0, kl_0 = full_terms()
     mse_0, kl_0 = max(mse_0, 1e-12), max(kl_0, 1e-12)
