@@ -1,3 +1,10 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
 from faircalib.calib.bench import BenchConfig, flip_curve_svg, markdown_table, summarise
 
 
@@ -27,3 +34,12 @@ def test_markdown_and_svg_render():
     assert "| W4A16 | fair | 0.1100 +- 0.0100 |" in table and "failed" in table
     svg = flip_curve_svg(rows(), "W4A16")
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 and ">fair<" in svg
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
+def test_a_child_reports_its_own_peak_memory_not_its_parents():
+    ballast = torch.ones(384 * 2**20)  # 1.5 GiB resident in this (parent) process
+    child = "import torch; from faircalib.calib.runner import peak_memory_mb as p; print(p(torch.device('cpu')))"
+    peak = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+    assert 10 < peak < 1024, peak  # importing torch takes a few hundred MiB, far from the parent's 1.5 GiB
+    del ballast

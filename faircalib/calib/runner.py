@@ -39,9 +39,20 @@ def _digest(obj) -> str:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, else the resident-set high-water mark.
+
+    On Linux that is VmHWM of /proc/self/status, not getrusage's ru_maxrss: the kernel carries the
+    pre-exec image's peak into ru_maxrss, so a process started from a large parent (the benchmark, holding
+    its evaluation references) would report the parent's size.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def save_calibration_set(calib: CalibrationSet, path: Path) -> None:
