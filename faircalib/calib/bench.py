@@ -3,8 +3,8 @@ prompts, calibration wall time and peak memory. Writes results.json, results.md 
 frontier flip curves per format.
 
 Each calibration runs as its own `faircalib calibrate` process, so its wall time and peak resident
-memory (the high-water mark the process records in its manifest) are its own. Calibration seed s uses the s-th disjoint
-slice of the calibration split.
+memory (the high-water mark the process records in its manifest) are its own. Calibration seed s uses
+the s-th disjoint slice of the calibration split.
 """
 
 from __future__ import annotations
