@@ -222,7 +222,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from faircalib.calib.artifact import QuantArtifact, model_fingerprint
     from faircalib.calib.evaluate import fake_quant_student, parity_report
     from faircalib.sampling import sampling_from_json_dict
-    from faircalib.sampling.metrics import decision_agreement, teacher_runs
+    from faircalib.sampling.metrics import PARITY_METRICS, decision_agreement, teacher_runs
     from faircalib.zoo import wiki
 
     path, teacher, tokenizer = _load_model(args)
@@ -268,8 +268,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        for name in ("frontier_flip_rate", "commit_set_disagreement", "frontier_write_error", "post_commit_mismatch",
-                     "teacher_divergence", "exact_match", "masked_nll_fp", "masked_nll_q"):  # fmt: skip
+        for name in (*PARITY_METRICS, "masked_nll_fp", "masked_nll_q"):
             value = report.get(name)
             print(f"{name:26s} {value:.4f}" if isinstance(value, float) else f"{name:26s} {value}")
         if "vs_fake_quant" in report:

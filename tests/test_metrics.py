@@ -45,6 +45,7 @@ def test_identical_student_has_perfect_parity():
     assert summary["frontier_flip_rate"] == 0
     assert summary["commit_set_disagreement"] == 0
     assert summary["frontier_write_error"] == 0
+    assert summary["decision_margin_error"] == 0
     assert summary["teacher_divergence"] == 0 and summary["exact_match"] == 1
 
 
@@ -68,6 +69,41 @@ def test_swapped_order_is_a_set_miss_but_not_a_flip():
     assert summary["teacher_divergence"] == 0
 
 
+def two_best(gaps):
+    """Position p prefers token p with logit p and then token p + 1, ``gaps[p]`` lower."""
+
+    def denoise(x):
+        logits = torch.full((x.shape[0], x.shape[1], VOCAB), -10.0)
+        for p in range(x.shape[1]):
+            logits[:, p, p] = float(p)
+            logits[:, p, p + 1] = p - gaps[p]
+        return logits
+
+    return denoise
+
+
+def test_decision_margin_error_is_the_mean_move_of_the_teachers_top_two_gap():
+    teacher = two_best([1.0] * 5)
+    reference = generate(teacher, PROMPT, SAMPLING, SPEC, record=True)
+    step = reference.trajectory.steps[0]
+    assert step.top2[0, 4] == 5 and step.logit_gap[0, 4] == pytest.approx(1.0)
+
+    def margin_error(student):
+        counts = teacher_forced_counts(student, reference, SAMPLING, SPEC, plan(SAMPLING, 1))
+        return float(counts["margin_error"].sum()) / int(counts["teacher_commits"].sum())
+
+    assert margin_error(teacher) == 0
+    # the teacher commits positions 4, 3, 2, 1: position 0 (the prompt) is never read
+    assert margin_error(two_best([5.0, 1.0, 0.7, 1.0, 1.0])) == pytest.approx(0.3 / 4)
+    flipped = two_best([1.0, 1.0, 1.0, -0.5, 2.0])  # position 3 now prefers token 4
+    assert margin_error(flipped) == pytest.approx((1.5 + 1.0) / 4)
+    tally = ParityTally()
+    tally.add(flipped, reference, generate(flipped, PROMPT, SAMPLING, SPEC, record=True), SAMPLING, SPEC,
+              plan(SAMPLING, 1))  # fmt: skip
+    assert tally.summary()["decision_margin_error"] == pytest.approx(2.5 / 4)
+    assert tally.summary()["frontier_flip_rate"] == pytest.approx(1 / 4)
+
+
 def test_post_commit_mismatch_asks_with_the_position_masked_again():
     """Rows with one committed position each, so the estimate is exact: the model is asked at that
     position with it masked again, and answers by a table (and something else when it can see it)."""
@@ -75,7 +111,8 @@ def test_post_commit_mismatch_asks_with_the_position_masked_again():
     states = [[1, m, m, m], [1, 5, m, m], [1, 5, 6, m]]
     steps = [
         StepRecord(i, 0, torch.tensor([s]), torch.zeros(1, 4, dtype=torch.bool), torch.tensor([s]),
-                   torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4), torch.ones(1, 4), torch.ones(1, 4))
+                   torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4), torch.ones(1, 4), torch.ones(1, 4),
+                   torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4))
         for i, s in enumerate(states)
     ]  # fmt: skip
     rollout = GenerationResult(torch.tensor([[1, 5, 6, 2]]), 1, Trajectory(1, steps))

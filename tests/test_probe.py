@@ -91,6 +91,8 @@ def record_with(confidence, committed, margin, tokens):
         top1_prob=torch.zeros_like(c),
         margin=torch.tensor([margin]),
         confidence=c,
+        top2=torch.ones(1, len(tokens), dtype=torch.long),
+        logit_gap=torch.zeros_like(c),
     )
 
 

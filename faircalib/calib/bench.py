@@ -25,18 +25,10 @@ from faircalib.errors import ConfigError
 from faircalib.models import load_denoiser, load_tokenizer
 from faircalib.models.tokenizer import encode_prompt
 from faircalib.sampling import LLaDASampling
-from faircalib.sampling.metrics import masked_nll, teacher_runs
+from faircalib.sampling.metrics import PARITY_METRICS, masked_nll, teacher_runs
 from faircalib.zoo import model_dir, wiki
 
-METRICS = (
-    "frontier_flip_rate",
-    "commit_set_disagreement",
-    "frontier_write_error",
-    "post_commit_mismatch",
-    "teacher_divergence",
-    "exact_match",
-    "masked_nll_q",
-)
+METRICS = (*PARITY_METRICS, "masked_nll_q")
 
 
 @dataclass(frozen=True)
@@ -158,8 +150,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict], cfg: BenchConfig) -> str:
-    cols = ("frontier_flip_rate", "commit_set_disagreement", "frontier_write_error", "post_commit_mismatch",
-            "teacher_divergence", "exact_match", "masked_nll_q", "calib_seconds", "peak_rss_mb")  # fmt: skip
+    cols = (*METRICS, "calib_seconds", "peak_rss_mb")
     lines = [
         f"Model `{cfg.model}`; {cfg.n_eval_prompts} eval prompts of {cfg.prompt_tokens} tokens; schedule gen "
         f"{cfg.gen_length} / block {cfg.block_length} / {cfg.steps} steps; seeds {list(cfg.seeds)} (mean +- std).",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -17,8 +17,9 @@ class StepRecord:
 
     ``tokens``: the state the denoiser saw (before this step's commits).
     ``committed``: positions unmasked by this step; ``committed_tokens`` = tokens written there.
-    ``top1`` / ``top1_prob`` / ``margin``: the denoiser's argmax token, its probability, p1 - p2
-    (after the logit shift, before any temperature or filtering).
+    ``top1`` / ``top1_prob`` / ``margin``: the denoiser's argmax token, its probability, p1 - p2;
+    ``top2`` / ``logit_gap``: the runner-up token and the top-1 minus runner-up logit (all after the logit
+    shift, before any temperature or filtering).
     ``confidence``: the score the sampler ranked positions by (-inf where a position was not eligible).
     """
 
@@ -31,6 +32,8 @@ class StepRecord:
     top1_prob: torch.Tensor
     margin: torch.Tensor
     confidence: torch.Tensor
+    top2: torch.Tensor
+    logit_gap: torch.Tensor
 
 
 @dataclass
@@ -52,11 +55,25 @@ class GenerationResult:
         return self.tokens[:, self.prompt_length :]
 
 
-def top1_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Argmax token, its probability and the top-1 minus top-2 probability margin. [B, L, V] -> 3 x [B, L]."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    top = probs.topk(2, dim=-1)
-    return top.indices[..., 0], top.values[..., 0], top.values[..., 0] - top.values[..., 1]
+class TopTwo(NamedTuple):
+    """The two best tokens of each position's distribution; every field [B, L]."""
+
+    top1: torch.Tensor
+    top2: torch.Tensor
+    top1_prob: torch.Tensor
+    margin: torch.Tensor  # p1 - p2
+    logit_gap: torch.Tensor  # logit1 - logit2 = log p1 - log p2
+
+
+def top_two(logits: torch.Tensor) -> TopTwo:
+    """[B, L, V] logits -> the two best tokens, the best one's probability and both gaps between them."""
+    logits = logits.float()
+    top = logits.topk(2, dim=-1)
+    probs = torch.exp(top.values - torch.logsumexp(logits, dim=-1, keepdim=True))
+    return TopTwo(
+        top.indices[..., 0], top.indices[..., 1], probs[..., 0], probs[..., 0] - probs[..., 1],
+        top.values[..., 0] - top.values[..., 1],
+    )  # fmt: skip
 
 
 def record_step(
@@ -69,7 +86,7 @@ def record_step(
 ) -> None:
     if trajectory is None:
         return
-    top1, top1_prob, margin = top1_stats(logits)
+    best = top_two(logits)
     trajectory.steps.append(
         StepRecord(
             step=step,
@@ -77,9 +94,11 @@ def record_step(
             tokens=tokens.clone(),
             committed=decision.committed.clone(),
             committed_tokens=torch.where(decision.committed, decision.candidates, tokens),
-            top1=top1,
-            top1_prob=top1_prob,
-            margin=margin,
+            top1=best.top1,
+            top1_prob=best.top1_prob,
+            margin=best.margin,
             confidence=decision.confidence.float(),
+            top2=best.top2,
+            logit_gap=best.logit_gap,
         )
     )
