@@ -50,8 +50,8 @@ def teacher_forced_counts(
     - ``student_commits`` / ``write_errors``: positions the student would commit, and of those the ones
       whose token differs from the teacher's final token there (flips that change what is written);
     - ``margin_error`` (float64, nats): summed over the teacher's commits, how far the student moved the
-      logit gap between the teacher's two best tokens there. A flip is this gap changing sign, so the
-      sum sees every commit moving towards a flip, not only the few that cross: a measure of decision
+      logit gap between the teacher's two best tokens there. Most flips are this gap changing sign, and
+      the sum sees every commit moving towards one, not only the few that cross: a measure of decision
       fidelity with far less sampling noise than the flip count.
     """
     if teacher.trajectory is None:
