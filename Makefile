@@ -40,7 +40,9 @@ format: install
 	$(BIN)/ruff check --fix faircalib tests
 
 # The whole pipeline on the bundled model: full-precision text, FAIR-Calib W4A4, export, the unmasking loop
-# on ONNX Runtime, and the parity report of the exported student (a few minutes on 2 CPU cores).
+# on ONNX Runtime, and the parity report of the exported student (a few minutes on 2 CPU cores). Its
+# calibration budget is cut down (16 prompts, 8 states each, 50 rotation and 100 reconstruction steps): at
+# that budget the default 32 states per prompt took longer and did not help (docs/RESULTS.md).
 DEMO     ?= runs/demo
 SCHEDULE := --gen-length 32 --block-length 8 --steps 32
 demo: install
@@ -48,7 +50,7 @@ demo: install
 	$(BIN)/faircalib generate --model $(MODEL) --prompt "$(PROMPT)" $(SCHEDULE) --quiet
 	@echo "== FAIR-Calib, W4A4 (learned rotation), calibrated on the teacher's own trajectories"
 	$(BIN)/faircalib calibrate --model $(MODEL) --method fair --wbits 4 --abits 4 $(SCHEDULE) \
-		--n-prompts 16 --rotation-steps 50 --recon-steps 100 --out $(DEMO)/fair-w4a4
+		--n-prompts 16 --states-per-prompt 8 --rotation-steps 50 --recon-steps 100 --out $(DEMO)/fair-w4a4
 	@echo "== export (ONNX, INT4 weights, per-token int4 activations) and decode on ONNX Runtime"
 	$(BIN)/faircalib export --model $(MODEL) --artifact $(DEMO)/fair-w4a4 --profile ort-w4a4 --out $(DEMO)/bundle
 	$(BIN)/faircalib generate --backend ort --onnx $(DEMO)/bundle --prompt "$(PROMPT)" --quiet
