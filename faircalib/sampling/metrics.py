@@ -70,7 +70,7 @@ def teacher_forced_counts(
         counts["set_misses"][index] = int((theirs & ~mine.committed).sum())
         counts["student_commits"][index] = int(mine.committed.sum())
         counts["write_errors"][index] = int((mine.committed & (mine.candidates != teacher.tokens)).sum())
-        best = logits.float().gather(-1, torch.stack((record.top1, record.top2), -1))
+        best = logits.gather(-1, torch.stack((record.top1, record.top2), -1)).float()  # cast 2 logits, not [V]
         moved = (best[..., 0] - best[..., 1] - record.logit_gap).abs()
         counts["margin_error"][index] = float(moved[theirs].double().sum())
     return counts
