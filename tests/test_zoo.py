@@ -7,6 +7,7 @@ from functools import cache
 import pytest
 import torch
 
+from faircalib.errors import FaircalibError
 from faircalib.models import LLaDA, load_denoiser, load_tokenizer
 from faircalib.sampling import LLaDASampling, generate
 from faircalib.zoo import model_dir, wiki
@@ -55,3 +56,11 @@ def test_greedy_generation_writes_english_words():
     assert len({w.lower() for w in words}) >= 3, text
     known = sum(word.lower() in vocabulary for word in words)
     assert known / len(words) >= 0.9, text
+
+
+def test_asking_for_more_prompts_than_the_split_has_is_an_error():
+    tokenizer = load_tokenizer(model_dir())
+    assert len(wiki.prompt_ids(tokenizer, "eval", 507, 16)) == 507  # every eval article of 16 tokens or more
+    with pytest.raises(FaircalibError, match="eval split has 507 articles of at least 16 tokens, 508 were asked"):
+        wiki.prompt_ids(tokenizer, "eval", 508, 16)
+    assert wiki.text_windows(tokenizer, "calib", 3, 48).shape == (3, 48)

@@ -53,16 +53,21 @@ def load_articles(split: Split) -> list[tuple[str, str]]:
 
 
 def prompt_ids(tokenizer, split: Split, n: int, prompt_tokens: int) -> list[list[int]]:
-    """The first ``prompt_tokens`` tokens of the first ``n`` articles of a split (in title order)."""
+    """The first ``prompt_tokens`` tokens of the first ``n`` articles of a split (in title order) that have
+    that many; fewer than ``n`` such articles is an error, not a smaller sample."""
     from faircalib.models.tokenizer import encode_prompt
 
     prompts = []
     for _, text in load_articles(split):
+        if len(prompts) == n:
+            break
         ids = encode_prompt(tokenizer, text)
         if len(ids) >= prompt_tokens:
             prompts.append(ids[:prompt_tokens])
-        if len(prompts) == n:
-            break
+    if len(prompts) < n:
+        raise FaircalibError(
+            f"the {split} split has {len(prompts)} articles of at least {prompt_tokens} tokens, {n} were asked for"
+        )
     return prompts
 
 
@@ -70,7 +75,4 @@ def text_windows(tokenizer, split: Split, n: int, length: int) -> torch.Tensor:
     """[n, length] int64: the opening ``length`` tokens of articles at least that long (plain text)."""
     import torch
 
-    windows = prompt_ids(tokenizer, split, n, length)
-    if not windows:
-        raise FaircalibError(f"no {split} article has {length} tokens")
-    return torch.tensor(windows, dtype=torch.long)
+    return torch.tensor(prompt_ids(tokenizer, split, n, length), dtype=torch.long)
