@@ -44,7 +44,8 @@ class QuantConfig:
     n_prompts: int = 32
     # 32 rather than 8 (every step of the bundled model's 32-step schedule): FAIR-Calib's W4A4 decision margin
     # error falls (0.0649 -> 0.0630, 3 seeds), its uniform-weight twin's does not (0.0666 -> 0.0668), as if the
-    # token weights needed the rarer fragile states that a sparse subsample misses (docs/RESULTS.md)
+    # token weights needed the rarer fragile states that a sparse subsample misses; a gain about the size of
+    # what the calibration's own randomness moves on one seed's prompts (docs/RESULTS.md)
     states_per_prompt: int = 32
     seed: int = 0
     # --- FAIR-Calib weighting (Stage I)
