@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from faircalib.calib.bench import BenchConfig, flip_curve_svg, markdown_table, summarise
+from faircalib.errors import ConfigError
 
 
 def rows():
@@ -43,3 +44,10 @@ def test_a_child_reports_its_own_peak_memory_not_its_parents():
     peak = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
     assert 10 < peak < 1024, peak  # importing torch takes a few hundred MiB, far from the parent's 1.5 GiB
     del ballast
+
+
+def test_bad_bench_configs_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown methods"):
+        BenchConfig(methods=("gptq", "awq"))
+    with pytest.raises(ConfigError, match="eval_windows_per_article"):
+        BenchConfig(eval_windows_per_article=0)

@@ -9,6 +9,7 @@ import torch
 
 from faircalib.errors import FaircalibError
 from faircalib.models import LLaDA, load_denoiser, load_tokenizer
+from faircalib.models.tokenizer import encode_prompt
 from faircalib.sampling import LLaDASampling, generate
 from faircalib.zoo import model_dir, wiki
 from faircalib.zoo.train import eval_windows_of, evaluate_masked, token_stream, unigram_accuracy
@@ -64,3 +65,16 @@ def test_asking_for_more_prompts_than_the_split_has_is_an_error():
     with pytest.raises(FaircalibError, match="eval split has 507 articles of at least 16 tokens, 508 were asked"):
         wiki.prompt_ids(tokenizer, "eval", 508, 16)
     assert wiki.text_windows(tokenizer, "calib", 3, 48).shape == (3, 48)
+
+
+def test_later_windows_of_each_article_extend_the_prompts_after_every_opening():
+    tokenizer = load_tokenizer(model_dir())
+    openings = wiki.prompt_ids(tokenizer, "eval", 507, 16)
+    prompts = wiki.prompt_ids(tokenizer, "eval", 1963, 16, windows_per_article=4)
+    assert prompts[:507] == openings  # the first n are the same prompts whatever the window count
+    articles = [encode_prompt(tokenizer, text) for _, text in wiki.load_articles("eval")]
+    second = [ids[16:32] for ids in articles if len(ids) >= 32]
+    assert prompts[507 : 507 + len(second)] == second
+    assert all(len(p) == 16 for p in prompts)
+    with pytest.raises(FaircalibError, match="1963 windows of 16 tokens \\(up to 4 per article\\), 1964 were asked"):
+        wiki.prompt_ids(tokenizer, "eval", 1964, 16, windows_per_article=4)

@@ -39,6 +39,9 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     n_calib_prompts: int = 32
     n_eval_prompts: int = 64
+    # Past the 507 openings of the evaluation split, later disjoint windows of its articles (zoo.wiki.prompt_ids).
+    eval_windows_per_article: int = 1
+    n_nll_windows: int | None = None  # masked-NLL windows (prompt + generation long); None: n_eval_prompts
     prompt_tokens: int = 16
     gen_length: int = 32
     block_length: int = 8
@@ -52,7 +55,9 @@ class BenchConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS] + [f for f in self.formats if f not in FORMATS]
         if unknown:
-            raise ValueError(f"unknown methods/formats: {unknown}")
+            raise ConfigError(f"unknown methods/formats: {unknown}")
+        if self.eval_windows_per_article < 1 or (self.n_nll_windows is not None and self.n_nll_windows < 1):
+            raise ConfigError("eval_windows_per_article and n_nll_windows must be >= 1")
 
 
 def run_calibration_process(cmd: list[str], log: Path) -> tuple[float, int]:
@@ -69,8 +74,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     teacher = load_denoiser(cfg.model)
     tokenizer = load_tokenizer(Path(cfg.model))
     sampling = LLaDASampling(gen_length=cfg.gen_length, block_length=cfg.block_length, steps=cfg.steps)
-    eval_prompts = wiki.prompt_ids(tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens)
-    nll_windows = wiki.text_windows(tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens + cfg.gen_length)
+    eval_prompts = wiki.prompt_ids(
+        tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens, cfg.eval_windows_per_article
+    )
+    n_nll = cfg.n_eval_prompts if cfg.n_nll_windows is None else cfg.n_nll_windows
+    nll_windows = wiki.text_windows(tokenizer, "eval", n_nll, cfg.prompt_tokens + cfg.gen_length)
     # Articles long enough for a full prompt, like the evaluation prompts; calibrate takes their openings.
     calib_texts = [
         text for _, text in wiki.load_articles("calib") if len(encode_prompt(tokenizer, text)) >= cfg.prompt_tokens
@@ -152,7 +160,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 def markdown_table(summary: list[dict], cfg: BenchConfig) -> str:
     cols = (*METRICS, "calib_seconds", "peak_rss_mb")
     lines = [
-        f"Model `{cfg.model}`; {cfg.n_eval_prompts} eval prompts of {cfg.prompt_tokens} tokens; schedule gen "
+        f"Model `{cfg.model}`; {cfg.n_eval_prompts} eval prompts of {cfg.prompt_tokens} tokens "
+        f"(up to {cfg.eval_windows_per_article} per article); schedule gen "
         f"{cfg.gen_length} / block {cfg.block_length} / {cfg.steps} steps; seeds {list(cfg.seeds)} (mean +- std).",
         "",
         "| format | method | " + " | ".join(cols) + " |",

@@ -52,22 +52,34 @@ def load_articles(split: Split) -> list[tuple[str, str]]:
     return sorted(articles)
 
 
-def prompt_ids(tokenizer, split: Split, n: int, prompt_tokens: int) -> list[list[int]]:
-    """The first ``prompt_tokens`` tokens of the first ``n`` articles of a split (in title order) that have
-    that many; fewer than ``n`` such articles is an error, not a smaller sample."""
+def prompt_ids(tokenizer, split: Split, n: int, prompt_tokens: int, windows_per_article: int = 1) -> list[list[int]]:
+    """``n`` prompts of ``prompt_tokens`` tokens from a split (articles in title order): every article's
+    opening first, then, with ``windows_per_article`` > 1, the next disjoint window of each article long
+    enough for it, and so on. Fewer than ``n`` such windows is an error, not a smaller sample.
+
+    More windows than openings exist so that a parity measurement can rest on more decisions: at a 3 %
+    flip rate, 507 prompts of 32 decisions carry a binomial error of about 0.13 points.
+    """
     from faircalib.models.tokenizer import encode_prompt
 
+    if windows_per_article < 1:
+        raise FaircalibError(f"windows_per_article must be >= 1, got {windows_per_article}")
+    articles = [encode_prompt(tokenizer, text) for _, text in load_articles(split)]
     prompts = []
-    for _, text in load_articles(split):
-        if len(prompts) == n:
-            break
-        ids = encode_prompt(tokenizer, text)
-        if len(ids) >= prompt_tokens:
-            prompts.append(ids[:prompt_tokens])
+    for window in range(windows_per_article):
+        start = window * prompt_tokens
+        for ids in articles:
+            if len(prompts) == n:
+                return prompts
+            if len(ids) >= start + prompt_tokens:
+                prompts.append(ids[start : start + prompt_tokens])
     if len(prompts) < n:
-        raise FaircalibError(
-            f"the {split} split has {len(prompts)} articles of at least {prompt_tokens} tokens, {n} were asked for"
+        what = (
+            f"articles of at least {prompt_tokens} tokens"
+            if windows_per_article == 1
+            else f"windows of {prompt_tokens} tokens (up to {windows_per_article} per article)"
         )
+        raise FaircalibError(f"the {split} split has {len(prompts)} {what}, {n} were asked for")
     return prompts
 
 
