@@ -189,7 +189,8 @@ def test_other_families_calibrate(tmp_path, tiny_dirs, family):
 
     sampling = DreamSampling(gen_length=8, steps=4, alg="maskgit_plus") if family == "dream" else SAMPLING
     prompts = torch.randint(5, 25, (4, 5), generator=torch.Generator().manual_seed(0)).tolist()
-    art = run_calibration(tiny_dirs[family], small("fair"), sampling, prompts, tmp_path / "art", quiet=True)
+    cfg = small("fair", reconstruct=True)  # the reconstruction too, on every family
+    art = run_calibration(tiny_dirs[family], cfg, sampling, prompts, tmp_path / "art", quiet=True)
     model = load_denoiser(tiny_dirs[family])
     teacher = copy.deepcopy(model)
     apply_quantization(model, art.weights, art.config, art.act_clips, art.fp_params)
@@ -206,6 +207,14 @@ def test_fair_and_its_twin_rotate_whenever_activations_are_quantized():
     assert preset("fair", abits=4).rotation_steps == 100 and preset("gptq-recon", abits=4).rotation_steps == 100
     assert preset("fair", abits=8).rotation_steps == 0 and preset("quarot", abits=4).rotation_steps == 0
     assert preset("fair", abits=4, rotate=False).rotation_steps == 0
+
+
+def test_fair_reconstructs_only_at_4_bit_activations():
+    assert preset("fair", abits=4).reconstruct
+    assert not preset("fair").reconstruct and not preset("fair", abits=16).reconstruct
+    assert not preset("fair", abits=8).reconstruct and not preset("fair", wbits=8, abits=8).reconstruct
+    assert preset("fair", abits=16, reconstruct=True).reconstruct  # --reconstruct wins
+    assert preset("gptq-recon", abits=16).reconstruct  # the baseline is the reconstruction step at every format
 
 
 @pytest.mark.parametrize(
