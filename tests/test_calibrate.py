@@ -209,8 +209,8 @@ def test_fair_and_its_twin_rotate_whenever_activations_are_quantized():
     assert preset("fair", abits=4, rotate=False).rotation_steps == 0
 
 
-def test_fair_reconstructs_only_at_4_bit_activations():
-    assert preset("fair", abits=4).reconstruct
+def test_fair_reconstructs_only_at_4_bit_or_static_activations():
+    assert preset("fair", abits=4).reconstruct and preset("fair", wbits=8, abits=8, a_static=True).reconstruct
     assert not preset("fair").reconstruct and not preset("fair", abits=16).reconstruct
     assert not preset("fair", abits=8).reconstruct and not preset("fair", wbits=8, abits=8).reconstruct
     assert preset("fair", abits=16, reconstruct=True).reconstruct  # --reconstruct wins

@@ -125,7 +125,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "smoothquant": dict(solver="rtn", smooth_alpha=0.5, weighting="uniform", reconstruct=False),
     "quarot": dict(solver="gptq", rotate=True, weighting="uniform", reconstruct=False),
     "quarot-rtn": dict(solver="rtn", rotate=True, weighting="uniform", reconstruct=False),
-    # the reconstruction step at every format: FAIR-Calib minus the prior at 4-bit activations
+    # the reconstruction step at every format: FAIR-Calib minus the prior at 4-bit or static activations
     "gptq-recon": dict(solver="gptq", weighting="uniform", reconstruct=True),
     "fair": dict(solver="gptq", weighting="prior", reconstruct=True),
 }
@@ -135,15 +135,17 @@ def preset(method: str, **overrides: Any) -> QuantConfig:
     """The config of a named method; ``overrides`` (e.g. from CLI flags) win. FAIR-Calib and its
     uniform-weight twin rotate by default whenever activations are quantized: LLaMA-type blocks collapse at
     4-bit activations without it, and at 8 bits it still halves GPTQ's frontier flips. At 4-bit activations
-    they also learn the rotation, which cuts their frontier flips by 0.5 to 0.8 points. Only there does
-    FAIR-Calib run the reconstruction step: at 8- and 16-bit activations it lowered block-output error, on
-    held-out states too, yet raised decision margin error by 5 to 33 % on every seed measured, with or without
-    the prior, and FAIR-Calib without it is the best W4A16 method and level with QuaRot at W4A8
-    (docs/RESULTS.md). What the step buys at 4 bits is compensation for the activations' noise."""
+    they also learn the rotation, which cuts their frontier flips by 0.5 to 0.8 points. Only there, and for
+    static activation scales, does FAIR-Calib run the reconstruction step: with 16-bit or dynamic 8-bit
+    activations it lowered block-output error, on held-out states too, yet raised decision margin error by 5
+    to 33 % on every seed measured, with or without the prior, and FAIR-Calib without it is the best W4A16
+    method and level with QuaRot at W4A8. Static scales keep it: the clip it learns sets them, and at W8A8 it
+    lowered decision margin error by 6 % (one seed; docs/RESULTS.md). What the step buys at 4 bits is
+    compensation for the activations' noise."""
     if method not in _PRESETS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     values = dict(_PRESETS[method], method=method)
-    if method == "fair" and overrides.get("abits") != 4:
+    if method == "fair" and overrides.get("abits") != 4 and not overrides.get("a_static"):
         values["reconstruct"] = False
     if method in ("fair", "gptq-recon") and overrides.get("abits") in (4, 8):
         values["rotate"] = True
