@@ -6,7 +6,7 @@ from faircalib.calib.hessian import weighted_gram
 from faircalib.calib.linear import QuantizedWeight, QuantLinear, replace_linear
 from faircalib.calib.pipeline import decision_masks
 from faircalib.calib.quant import ActSpec
-from faircalib.calib.recon import HeadTerm, reconstruct_block, weighted_kl, weighted_mse
+from faircalib.calib.recon import HeadTerm, LearnableQuantLinear, reconstruct_block, weighted_kl, weighted_mse
 from faircalib.models.base import DenoiserSpec
 from faircalib.models.tiny import tiny_denoiser
 
@@ -53,6 +53,23 @@ def test_reconstruction_lowers_the_weighted_error_and_keeps_codes_on_the_grid():
     layer = block.get_submodule(names[0])
     assert isinstance(layer, QuantLinear) and int(layer.quantized.codes.min()) >= -8
     assert int(layer.quantized.codes.max()) <= 7
+
+
+def test_a_clip_ratio_pushed_past_its_bound_still_learns():
+    # One step that drives the clip up, as an early minibatch may: from its start at 1.0 it overshoots,
+    # and a clamp in the forward pass would then pass no gradient to it for the rest of the run.
+    torch.manual_seed(0)
+    spec = preset("gptq").weight_spec()
+    solved = gptq_quantize(torch.randn(8, 16), torch.eye(16), spec)
+    layer = LearnableQuantLinear(QuantizedWeight(solved.codes, solved.scale, None, spec), None, ActSpec(4))
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+    (-layer.act_clip).backward()
+    optimizer.step()
+    layer.project_()
+    assert layer.act_clip.item() == 1.0
+    layer.zero_grad()
+    layer(torch.randn(4, 16) * 3).pow(2).sum().backward()
+    assert layer.act_clip.grad.abs().item() > 0
 
 
 def test_reconstruction_that_does_not_help_is_undone():

@@ -4,6 +4,10 @@ Per linear, starting exactly at the GPTQ solution, learn rounding offsets (a cod
 one step), per-group scale multipliers and, when activations are quantized, a per-layer clip ratio, all
 through straight-through rounding, to minimise the token-weighted block-output error
 sum_j w_j ||h_fp(j) - h_q(j)||^2 / sum_j w_j. The result is kept only if that loss went down.
+
+The bounded parameters are projected back into their box after every step rather than clamped in the
+forward pass: a clamp passes no gradient outside its range, so a clip ratio that one early minibatch
+pushed past 1.0 (where it starts) would stay there for good, whatever later batches say.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from torch import nn
 
 from faircalib.calib.linear import QuantizedWeight, QuantLinear, replace_linear
 from faircalib.calib.quant import ActSpec, fake_quant_activation, round_ste
+
+CLIP_FLOOR = 0.3  # learned activation clip ratios stay in [CLIP_FLOOR, 1]
 
 
 class LearnableQuantLinear(nn.Module):
@@ -32,9 +38,17 @@ class LearnableQuantLinear(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale))
         self.act_clip = nn.Parameter(torch.tensor(act.clip_ratio)) if act.enabled else None
 
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Back into the feasible box: codes move at most one step, clip ratios stay in [0.3, 1] (or down
+        to where a smaller configured ratio started)."""
+        self.offset.clamp_(-1, 1)
+        if self.act_clip is not None:
+            self.act_clip.clamp_(min(CLIP_FLOOR, self.act.clip_ratio), 1.0)
+
     def current_codes(self) -> torch.Tensor:
         spec = self.start.spec
-        return round_ste(self.codes + self.offset.clamp(-1, 1)).clamp(spec.qmin, spec.qmax)
+        return round_ste(self.codes + self.offset).clamp(spec.qmin, spec.qmax)
 
     def weight(self) -> torch.Tensor:
         codes = self.current_codes()
@@ -45,8 +59,7 @@ class LearnableQuantLinear(nn.Module):
         return (g * (self.scale * self.log_scale.exp()).unsqueeze(-1)).reshape(codes.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        clip = self.act_clip.clamp(0.3, 1.0) if self.act_clip is not None else None
-        x = fake_quant_activation(x, self.act, clip=clip, ste=True)
+        x = fake_quant_activation(x, self.act, clip=self.act_clip, ste=True)
         return F.linear(x, self.weight().to(x.dtype), self.bias)
 
     def export(self, dtype: torch.dtype) -> tuple[QuantizedWeight, ActSpec]:
@@ -57,7 +70,7 @@ class LearnableQuantLinear(nn.Module):
             scale = self.scale * self.log_scale.exp()
             act = self.act
             if self.act_clip is not None:
-                act = replace(act, clip_ratio=float(self.act_clip.clamp(0.3, 1.0)))
+                act = replace(act, clip_ratio=self.act_clip.item())
         return QuantizedWeight(codes, scale.float(), self.start.zero, spec), act
 
 
@@ -166,6 +179,8 @@ def reconstruct_block(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        for layer in learnables.values():
+            layer.project_()
     after = objective(*full_terms()) if steps else before
 
     kept = after < before
