@@ -40,8 +40,8 @@ class LearnableQuantLinear(nn.Module):
 
     @torch.no_grad()
     def project_(self) -> None:
-        """Back into the feasible box: codes move at most one step, clip ratios stay in [0.3, 1] (or down
-        to where a smaller configured ratio started)."""
+        """Back into the feasible box: codes move at most one step, clip ratios stay in [CLIP_FLOOR, 1] (or
+        down to where a smaller configured ratio started)."""
         self.offset.clamp_(-1, 1)
         if self.act_clip is not None:
             self.act_clip.clamp_(min(CLIP_FLOOR, self.act.clip_ratio), 1.0)
