@@ -36,7 +36,7 @@ class QuantConfig:
     rotate: bool = False  # QuaRot-style randomized Hadamard on the residual stream
     # a rotation learned on top of it (SpinQuant-style) on the token-weighted output KL; 0 keeps the Hadamard
     rotation_steps: int = 0
-    rotation_lr: float = 5e-3
+    rotation_lr: float = 5e-3  # Adam's first step size, decayed to zero on a cosine (as recon_lr)
     rotation_batch: int = 16
     smooth_alpha: float | None = None  # SmoothQuant migration strength
     # --- calibration data

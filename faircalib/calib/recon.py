@@ -3,7 +3,9 @@
 Per linear, starting exactly at the GPTQ solution, learn rounding offsets (a code may move by at most
 one step), per-group scale multipliers and, when activations are quantized, a per-layer clip ratio, all
 through straight-through rounding, to minimise the token-weighted block-output error
-sum_j w_j ||h_fp(j) - h_q(j)||^2 / sum_j w_j. The result is kept only if that loss went down.
+sum_j w_j ||h_fp(j) - h_q(j)||^2 / sum_j w_j. The result is kept only if that loss went down. Adam's step
+size decays to zero on a cosine, so the solution settles instead of ending wherever the last minibatch
+pushed it.
 
 The bounded parameters are projected back into their box after every step rather than clamped in the
 forward pass: a clamp passes no gradient outside its range, so a clip ratio that one early minibatch
@@ -135,6 +137,7 @@ def reconstruct_block(
         replace_linear(block, name, learnables[name])
     params = [p for layer in learnables.values() for p in layer.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     generator = torch.Generator().manual_seed(seed)
     # Every state of every chunk, as (chunk, row) pairs, so batches are drawn across lengths.
     rows = [(c, r) for c, chunk in enumerate(inputs) for r in range(chunk.shape[0])]
@@ -179,6 +182,7 @@ def reconstruct_block(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         for layer in learnables.values():
             layer.project_()
     after = objective(*full_terms()) if steps else before

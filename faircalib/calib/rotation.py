@@ -135,6 +135,9 @@ def learn_rotation(
     the model with every block linear's input fake-quantized to ``act`` (straight-through). Weights stay at
     full precision: on W4A4 models the 4-bit activations are what flip decisions (docs/RESULTS.md).
     Blocks are recomputed in the backward pass (activation checkpointing), so only block inputs are kept.
+    Adam's step size decays from ``lr`` to zero on a cosine: at a constant step size the last minibatches
+    decided where R ended up, and a calibration landed in one of two outcomes, a good and a bad one
+    (docs/RESULTS.md).
     """
     layout = model.rotation_layout()
     dim = model.get_submodule(layout.embedding).weight.shape[1]
@@ -162,6 +165,7 @@ def learn_rotation(
 
     names = [name for group in model.linear_groups() for name in group]
     optimizer = torch.optim.Adam([a], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     generator = torch.Generator().manual_seed(seed)
     sizes = torch.tensor([float(t.shape[0]) for t in tokens])
     try:
@@ -185,6 +189,7 @@ def learn_rotation(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                schedule.step()
                 if on_step is not None:
                     on_step()
     finally:
