@@ -4,8 +4,9 @@ Per linear, starting exactly at the GPTQ solution, learn rounding offsets (a cod
 one step), per-group scale multipliers and, when activations are quantized, a per-layer clip ratio, all
 through straight-through rounding, to minimise the token-weighted block-output error
 sum_j w_j ||h_fp(j) - h_q(j)||^2 / sum_j w_j. The result is kept only if that loss went down. Adam's step
-size decays to zero on a cosine, so the solution settles instead of ending wherever the last minibatch
-pushed it.
+size decays to zero on a cosine, as the learned rotation's does, so the solution settles instead of ending
+wherever the last minibatch pushed it; it was measured together with the rotation's decay, which is the
+half that moved decisions (docs/RESULTS.md).
 
 The bounded parameters are projected back into their box after every step rather than clamped in the
 forward pass: a clamp passes no gradient outside its range, so a clip ratio that one early minibatch
