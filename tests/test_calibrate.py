@@ -209,12 +209,12 @@ def test_fair_and_its_twin_rotate_whenever_activations_are_quantized():
     assert preset("fair", abits=4, rotate=False).rotation_steps == 0
 
 
-
 def test_fair_sharpens_its_token_weights_only_at_4_bit_activations():
     assert (preset("fair", abits=4).beta, preset("fair", abits=4).w_max) == (16.0, 32.0)
     for abits in (8, 16):
         assert (preset("fair", abits=abits).beta, preset("fair", abits=abits).w_max) == (4.0, 8.0)
     assert preset("fair", abits=4, beta=4.0, w_max=8.0).w_max == 8.0  # --beta / --w-max win
+
 
 def test_fair_reconstructs_only_at_4_bit_or_static_activations():
     assert preset("fair", abits=4).reconstruct and preset("fair", wbits=8, abits=8, a_static=True).reconstruct
