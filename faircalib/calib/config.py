@@ -51,7 +51,7 @@ class QuantConfig:
     # --- FAIR-Calib weighting (Stage I)
     weighting: Literal["uniform", "prior"] = "prior"
     lam: float = 0.5
-    beta: float = 4.0
+    beta: float = 4.0  # DESIGN.md's; FAIR-Calib's preset sharpens beta / w_max to 16 / 32 at 4-bit activations
     w_min: float = 1.0
     w_max: float = 8.0
     fragility: Literal["margin", "boundary", "frontier"] = "boundary"
