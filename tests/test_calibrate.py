@@ -204,7 +204,9 @@ def test_fair_and_its_twin_rotate_whenever_activations_are_quantized():
         assert not preset(method, abits=16).rotate and not preset(method).rotate
         assert not preset(method, abits=8, rotate=False).rotate  # --no-rotate wins
     assert not preset("gptq", abits=4).rotate  # the plain baselines stay as published
-    assert preset("fair", abits=4).rotation_steps == 100 and preset("gptq-recon", abits=4).rotation_steps == 100
+    # FAIR-Calib spends part of its 1.5x time budget (the issue's) on twice its twin's rotation steps
+    assert preset("fair", abits=4).rotation_steps == 200 and preset("gptq-recon", abits=4).rotation_steps == 100
+    assert preset("fair", abits=4, rotation_steps=100).rotation_steps == 100  # --rotation-steps wins
     assert preset("fair", abits=8).rotation_steps == 0 and preset("quarot", abits=4).rotation_steps == 0
     assert preset("fair", abits=4, rotate=False).rotation_steps == 0
 
