@@ -146,9 +146,9 @@ def preset(method: str, **overrides: Any) -> QuantConfig:
     rather than an eighth, and it flipped fewer frontier decisions on nine calibration seeds of ten (2.58
     against 2.71 %; docs/RESULTS.md, "Sharper token weights at W4A4"). FAIR-Calib also learns its rotation for
     200 steps rather than its twin's 100, spending part of the 1.5x of the twin's time the issue allows it
-    (about 1.3x): write error, decision margins and commit order improved on eight seeds of ten. That gain is
-    compute, not the prior: the twin gains as much from the same steps (docs/RESULTS.md, "Twice the rotation
-    steps")."""
+    (about 1.3x): write error, decision margins and commit order improved on eight seeds of ten. Much of that
+    gain is compute, not the prior: given the same steps the twin gains as much on the margins, though less
+    on write error and commit order (docs/RESULTS.md, "Twice the rotation steps")."""
     if method not in _PRESETS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     values = dict(_PRESETS[method], method=method)
