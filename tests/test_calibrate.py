@@ -10,6 +10,7 @@ import faircalib.calib.pipeline as pipeline
 from faircalib.calib.artifact import QuantArtifact, model_fingerprint
 from faircalib.calib.config import preset
 from faircalib.calib.pipeline import ROTATION_KEY, apply_quantization
+from faircalib.calib.rotation import BLOCK_TRANSFORM_KEYS
 from faircalib.calib.runner import run_calibration
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.models import load_denoiser
@@ -33,6 +34,7 @@ def small(method, **kw):
         small("rtn", wbits=8, w_symmetric=False),
         small("quarot", abits=4),
         small("fair", abits=4, rotation_steps=4),
+        small("fair", abits=4, rotation_steps=4, block_transforms=True),
         small("smoothquant", wbits=8, abits=8),
         small("gptq-recon", wbits=8, abits=8, a_static=True),
     ],
@@ -42,6 +44,7 @@ def small(method, **kw):
         "rtn-w8-asym",
         "quarot-w4a4",
         "fair-w4a4-rotated",
+        "fair-w4a4-block-transforms",
         "smoothquant-w8a8",
         "gptq-recon-w8a8-static",
     ],  # fmt: skip
@@ -67,8 +70,9 @@ def test_artifact_round_trip_reproduces_the_student(tmp_path, tiny_dirs, cfg):
     assert len(manifest["blocks"]) == 2 and not (tmp_path / "art.partial").exists()
     if cfg.weighting == "prior":
         assert loaded.prior is not None and loaded.prior.shape == (8,)
-    # smoothed norm scales and a learned rotation travel along
+    # smoothed norm scales, a learned rotation and learned block transforms travel along
     assert (ROTATION_KEY in loaded.fp_params) == (cfg.rotation_steps > 0)
+    assert all((key in loaded.fp_params) == cfg.block_transforms for key in BLOCK_TRANSFORM_KEYS)
     assert any(k.endswith("norm.weight") for k in loaded.fp_params) == (cfg.smooth_alpha is not None)
     # static activation scales: one calibrated peak per layer, and the student quantizes with it
     assert set(loaded.act_ranges) == (set(art.weights) if cfg.a_static else set())
@@ -134,7 +138,9 @@ def test_failed_save_leaves_no_artifact(tmp_path, tiny_dirs, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "cfg", [small("fair"), small("fair", abits=4, rotation_steps=4)], ids=["w4a16", "w4a4-learned"]
+    "cfg",
+    [small("fair"), small("fair", abits=4, rotation_steps=4, block_transforms=True)],
+    ids=["w4a16", "w4a4-learned"],
 )
 def test_interrupted_run_resumes_from_the_last_finished_block(tmp_path, tiny_dirs, monkeypatch, cfg):
     whole = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "whole", quiet=True)
@@ -159,8 +165,8 @@ def test_interrupted_run_resumes_from_the_last_finished_block(tmp_path, tiny_dir
     resumed = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
     for key, w in whole.weights.items():
         assert torch.equal(resumed.weights[key].codes, w.codes), key
-    if cfg.rotation_steps:
-        assert torch.equal(resumed.fp_params[ROTATION_KEY], whole.fp_params[ROTATION_KEY])
+    for key in (ROTATION_KEY, *BLOCK_TRANSFORM_KEYS) if cfg.rotation_steps else ():
+        assert torch.equal(resumed.fp_params[key], whole.fp_params[key]), key
     assert len(resumed.manifest["blocks"]) == 2
     block_seconds = sum(block["seconds"] for block in resumed.manifest["blocks"])
     assert resumed.manifest["timings"]["stage2_seconds"] >= block_seconds  # the interrupted run's time counts
@@ -239,6 +245,14 @@ def test_a_learned_rotation_needs_rotation_and_dynamic_activations(overrides):
         preset(overrides.pop("method", "gptq-recon"), rotation_steps=10, **overrides)
 
 
+def test_block_transforms_are_learned_with_the_rotation(tiny_dirs):
+    with pytest.raises(ConfigError, match="block transforms are learned with the rotation"):
+        preset("fair", abits=4, rotation_steps=0, block_transforms=True)
+    cfg = small("fair", abits=4, rotation_steps=4, block_transforms=True)
+    with pytest.raises(ConfigError, match="come with a learned rotation"):
+        apply_quantization(load_denoiser(tiny_dirs["llada"]), {}, cfg, {}, {BLOCK_TRANSFORM_KEYS[0]: torch.eye(2)})
+
+
 def test_a_learned_rotation_in_an_unrotated_config_is_refused(tiny_dirs):
     cfg = small("gptq", abits=4)
     dim = load_denoiser(tiny_dirs["llada"]).embed(IDS).shape[-1]
@@ -250,7 +264,8 @@ def test_format_1_artifacts_still_load_and_unknown_formats_are_refused(tmp_path,
     run_calibration(tiny_dirs["llada"], small("rtn"), SAMPLING, PROMPTS, tmp_path / "art", quiet=True)
     manifest_path = tmp_path / "art" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    for version, readable in ((1, True), (99, False)):  # format 1 differs only in never holding a learned rotation
+    # formats 1 and 2 differ only in never holding a learned rotation (1) or learned block transforms (2)
+    for version, readable in ((1, True), (2, True), (99, False)):
         manifest_path.write_text(json.dumps({**manifest, "format_version": version}))
         if readable:
             assert QuantArtifact.load(tmp_path / "art").weights

@@ -34,7 +34,8 @@ def artifacts(tiny_dirs, tmp_path_factory):
     configs = {
         "sym-g64": preset("gptq", group_size=64),
         "asym-g16": preset("gptq", group_size=16, w_symmetric=False),
-        "rotated-a4": preset("quarot", abits=4, rotation_steps=10),  # learned on top of the Hadamard
+        # learned on top of the Hadamard, with block transforms (norm weights no longer ones)
+        "rotated-a4": preset("quarot", abits=4, rotation_steps=10, block_transforms=True),
         "asym-g16-a4": preset("gptq", group_size=16, w_symmetric=False, abits=4, a_symmetric=False),
         "w8a8-static": preset("gptq", wbits=8, abits=8, a_static=True),
     }

@@ -25,8 +25,9 @@ from faircalib.calib.quant import pack_int4, unpack_int4
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.models.checkpoint import read_json_object, read_safetensors
 
-ARTIFACT_FORMAT = 2  # 2: a learned residual rotation may travel among the full-precision params
-READABLE_FORMATS = (1, 2)
+# 2: a learned residual rotation may travel among the full-precision params; 3: learned block transforms too
+ARTIFACT_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 

@@ -38,6 +38,9 @@ class QuantConfig:
     rotation_steps: int = 0
     rotation_lr: float = 5e-3  # Adam's first step size, decayed to zero on a cosine (as recon_lr)
     rotation_batch: int = 16
+    # with the learned rotation, per-block transforms that fold into the weights: value-head transforms and
+    # per-channel smoothing of the norms' outputs and the FFN's down projection input (calib/rotation.py)
+    block_transforms: bool = False
     smooth_alpha: float | None = None  # SmoothQuant migration strength
     # --- calibration data
     states: Literal["teacher", "text"] = "teacher"
@@ -90,6 +93,8 @@ class QuantConfig:
             raise ConfigError("prior weighting needs teacher states (states='teacher')")
         if self.rotation_steps and not (self.rotate and self.act_spec().enabled and not self.a_static):
             raise ConfigError("a learned rotation (rotation_steps > 0) needs rotate and dynamic quantized activations")
+        if self.block_transforms and not self.rotation_steps:
+            raise ConfigError("block transforms are learned with the rotation: they need rotation_steps > 0")
         for name in ("n_prompts", "states_per_prompt", "recon_batch", "rotation_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

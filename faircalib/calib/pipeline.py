@@ -24,15 +24,21 @@ from faircalib.calib.hooks import hooked
 from faircalib.calib.linear import QuantizedWeight, QuantLinear, replace_linear
 from faircalib.calib.quant import ActSpec, fake_quant_activation, quantize_weight, weight_qparams
 from faircalib.calib.recon import HeadTerm, ReconReport, reconstruct_block, weighted_mse
-from faircalib.calib.rotation import fold_rotation, learn_rotation, rotate_model
+from faircalib.calib.rotation import (
+    BLOCK_TRANSFORM_KEYS,
+    LEARNED_KEYS,
+    ROTATION_KEY,
+    fold_block_transforms,
+    fold_rotation,
+    learn_rotation,
+    rotate_model,
+)
 from faircalib.calib.smooth import smooth_block
 from faircalib.calib.states import CalibrationSet
 from faircalib.errors import ConfigError
 from faircalib.models.base import BlockContext, Denoiser
 
 log = logging.getLogger(__name__)
-
-ROTATION_KEY = "rotation"  # the learned residual rotation [D, D] among a result's full-precision params
 
 
 @dataclass
@@ -141,15 +147,16 @@ def calibrate(
     done_fp: Mapping[str, torch.Tensor] | None = None,
     on_block: Callable[[int, CalibrationResult, BlockReport], None] | None = None,
     on_rotation_step: Callable[[], None] | None = None,
-    on_rotation: Callable[[torch.Tensor], None] | None = None,
+    on_rotation: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> CalibrationResult:
     """Quantize ``model``'s blocks in place (their linears become QuantLinear) and return the weights.
 
     ``done`` / ``done_clips`` / ``done_ranges`` / ``done_fp`` hold what an earlier, interrupted run
     produced: its finished blocks are installed as they were and only propagated, and its learned rotation
-    (``done_fp[ROTATION_KEY]``) is not learned again. ``on_block(index, result, report)`` is called after
-    each block, ``on_rotation(r)`` once a rotation is learned (for checkpointing), ``on_rotation_step()``
-    after each step of learning it (for progress).
+    and block transforms (``done_fp[ROTATION_KEY]``, ...) are not learned again. ``on_block(index, result,
+    report)`` is called after each block, ``on_rotation(learned)`` once the rotation (and block transforms)
+    are learned, by key (for checkpointing), ``on_rotation_step()`` after each step of learning them (for
+    progress).
     """
     if cfg.head_bits != 16:
         raise ConfigError("quantizing the LM head is not implemented yet: keep head_bits 16")
@@ -163,19 +170,20 @@ def calibrate(
     contexts = [model.block_context(t) for t in tokens]
     result = CalibrationResult({}, {})
     if cfg.rotate:
-        layout = rotate_model(model, cfg.seed)
-        learned = done_fp.get(ROTATION_KEY)
-        if learned is None and cfg.rotation_steps > 0:
-            # float32, as the artifact stores it, so the student is rotated by exactly what calibration saw
+        rotate_model(model, cfg.seed)
+        learned = {k: v for k, v in done_fp.items() if k in LEARNED_KEYS}
+        if not learned and cfg.rotation_steps > 0:
             learned = learn_rotation(
                 model, tokens, weights, decision_masks(tokens, model.spec), act, steps=cfg.rotation_steps,
-                lr=cfg.rotation_lr, batch=cfg.rotation_batch, seed=cfg.seed, on_step=on_rotation_step,
-            ).float()  # fmt: skip
+                lr=cfg.rotation_lr, batch=cfg.rotation_batch, seed=cfg.seed, block_transforms=cfg.block_transforms,
+                on_step=on_rotation_step,
+            )  # fmt: skip
+            # float32, as the artifact stores them, so the student is turned by exactly what calibration saw
+            learned = {key: value.float() for key, value in learned.items()}
             if on_rotation is not None:
                 on_rotation(learned)
-        if learned is not None:
-            fold_rotation(model, layout, learned)
-            result.fp_params[ROTATION_KEY] = learned
+        fold_learned(model, learned)
+        result.fp_params.update(learned)
 
     with torch.no_grad():
         hidden_q = [model.embed(t) for t in tokens]
@@ -282,6 +290,17 @@ def decision_masks(tokens: Sequence[torch.Tensor], spec) -> list[torch.Tensor]:
     return masks
 
 
+def fold_learned(model: Denoiser, learned: Mapping[str, torch.Tensor]) -> None:
+    """Fold a learned rotation and, if any, learned block transforms into a model ``rotate_model`` turned."""
+    layout = model.rotation_layout()
+    if ROTATION_KEY in learned:
+        fold_rotation(model, layout, learned[ROTATION_KEY])
+    if any(key in learned for key in BLOCK_TRANSFORM_KEYS):
+        if ROTATION_KEY not in learned:
+            raise ConfigError("learned block transforms come with a learned rotation; this has none")
+        fold_block_transforms(model, layout, dict(learned))
+
+
 def set_fp_params(block: nn.Module, index: int, params: Mapping[str, torch.Tensor]) -> None:
     """Copy full-precision parameters recorded under "blocks.{index}.<name>" into ``block``."""
     prefix = f"blocks.{index}."
@@ -308,12 +327,11 @@ def apply_quantization(
 ) -> Denoiser:
     """Turn a full-precision model into the fake-quant student of an artifact (in place): rotated as it was
     at calibration, calibrated full-precision parameters restored, every linear replaced."""
-    learned = (fp_params or {}).get(ROTATION_KEY)
+    learned = {k: v for k, v in (fp_params or {}).items() if k in LEARNED_KEYS}
     if cfg.rotate:
-        layout = rotate_model(model, cfg.seed)
-        if learned is not None:
-            fold_rotation(model, layout, learned)
-    elif learned is not None:
+        rotate_model(model, cfg.seed)
+        fold_learned(model, learned)
+    elif learned:
         raise ConfigError("the artifact holds a learned rotation, but its config does not rotate")
     act, ranges = cfg.act_spec(), ranges or {}
     for index, block in enumerate(model.blocks):

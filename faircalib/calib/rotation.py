@@ -11,6 +11,13 @@ On top of the Hadamard, a second rotation R can be learned (SpinQuant, Liu et al
 is fitted through 4-bit activation quantization to the token-weighted KL between the full-precision
 model's and the quantized model's output distributions where decisions are made, and folded the same
 way. It stays an offline rotation of the residual stream, so the exported graph does not change.
+
+With it, per-block transforms can be learned too (OmniQuant's and FlatQuant's idea, restricted to what
+folds exactly into the weights): an invertible T_k = R_k diag(e^s_k) per value head, V_k T_k, whose inverse
+the attention output projection's input columns absorb (attention mixes tokens linearly within a head);
+a per-channel scale s on each norm's output, norm weight / s and readers' columns times s; and one on the
+FFN's linear branch, up rows / s, the down projection's input columns times s before the online Hadamard.
+They change what each 4-bit activation quantizer sees, not what the model computes.
 """
 
 from __future__ import annotations
@@ -95,22 +102,175 @@ def rotate_model(model: Denoiser, seed: int) -> RotationLayout:
     return layout
 
 
+ROTATION_KEY = "rotation"  # the learned residual rotation [D, D]
+VALUE_KEY = "value_transform"  # [blocks, value heads, head dim, head dim]: T per value head
+NORM_SCALE_KEY = "norm_scale"  # [blocks, norms, D]: the readers' column scales s (norm weight / s)
+FFN_SCALE_KEY = "ffn_scale"  # [blocks, F]: the down projection's input column scales s (up rows / s)
+BLOCK_TRANSFORM_KEYS = (VALUE_KEY, NORM_SCALE_KEY, FFN_SCALE_KEY)
+LEARNED_KEYS = (ROTATION_KEY, *BLOCK_TRANSFORM_KEYS)  # what ``learn_rotation`` may return
+
+
+def value_rows(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """T_k^T W_k for each value head k, so that head's output becomes V_k T_k.
+
+    weight: [heads * dh, ...] (a weight, or a bias [heads * dh]); t: [heads, dh, dh]."""
+    heads, dh, _ = t.shape
+    return (t.transpose(1, 2) @ weight.reshape(heads, dh, -1)).reshape(weight.shape)
+
+
+def out_columns(weight: torch.Tensor, t_inv_t: torch.Tensor, query_heads: int) -> torch.Tensor:
+    """W_h T_k^-T for each query head h's input columns, k = h // (query_heads / value heads) as in
+    grouped-query attention, which undoes ``value_rows``. weight: [N, query_heads * dh]; t_inv_t: [value
+    heads, dh, dh], each T_k's inverse transpose."""
+    heads, dh, _ = t_inv_t.shape
+    per_query = t_inv_t.repeat_interleave(query_heads // heads, dim=0)
+    return torch.einsum("nhi,hij->nhj", weight.reshape(-1, query_heads, dh), per_query).reshape(weight.shape)
+
+
+def down_columns(weight: torch.Tensor, scale: torch.Tensor, online: OnlineHadamard) -> torch.Tensor:
+    """W H diag(s) H for a down projection W [D, F] that reads H z: it then reads H (z / s) instead."""
+    return online(online(weight) * scale)
+
+
+def check_block_transforms(model: Denoiser, layout: RotationLayout, transforms: dict[str, torch.Tensor]) -> None:
+    """Refuse block transforms that are missing, were learned for another shape of model, or cannot fold."""
+    n, block = len(model.blocks), model.blocks[0]
+    dim = model.get_submodule(layout.embedding).weight.shape[1]
+    dh = block.get_submodule(layout.value).weight.shape[0] // layout.value_heads
+    expected = {
+        VALUE_KEY: (n, layout.value_heads, dh, dh),
+        NORM_SCALE_KEY: (n, len(layout.norm_readers), dim),
+        FFN_SCALE_KEY: (n, block.get_submodule(layout.ffn_up).weight.shape[0]),
+    }
+    for key, shape in expected.items():
+        if key not in transforms:
+            raise ConfigError(f"the block transforms lack {key!r}")
+        if tuple(transforms[key].shape) != shape:
+            raise ConfigError(f"{key} has shape {tuple(transforms[key].shape)}; this model needs {shape}")
+        if not torch.isfinite(transforms[key]).all():
+            raise ConfigError(f"{key} holds NaN or infinite values")
+    if not all(bool((transforms[key] > 0).all()) for key in (NORM_SCALE_KEY, FFN_SCALE_KEY)):
+        raise ConfigError("block transform scales must be positive")
+
+
+def _block_maps(
+    block: nn.Module, layout: RotationLayout, current: Callable[[str], torch.Tensor]
+) -> list[tuple[nn.Module, str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """(module, tensor name, map) for every tensor one block's transforms change. ``current(key)`` gives
+    the block's transform when a map runs: "t" and "t_inv_t" [value heads, dh, dh] (T and T^-T), "norm"
+    [norms, D], "ffn" [F]; folding reads fixed tensors, learning the ones of the step."""
+    v, out = block.get_submodule(layout.value), block.get_submodule(layout.attn_out)
+    maps = [(v, "weight", lambda w: value_rows(w, current("t").to(w.dtype)))]
+    if v.bias is not None:
+        maps.append((v, "bias", lambda b: value_rows(b, current("t").to(b.dtype))))
+    maps.append((out, "weight", lambda w: out_columns(w, current("t_inv_t").to(w.dtype), layout.query_heads)))
+    for k, (norm_name, reader_names) in enumerate(layout.norm_readers):
+        maps.append((block.get_submodule(norm_name), "weight", lambda w, k=k: w / current("norm")[k].to(w.dtype)))
+        for name in reader_names:
+            maps.append((block.get_submodule(name), "weight", lambda w, k=k: w * current("norm")[k].to(w.dtype)))
+    up, down = block.get_submodule(layout.ffn_up), block.get_submodule(layout.ffn_down)
+    online = block.get_submodule(layout.ffn_down_input)
+    maps.append((up, "weight", lambda w: w / current("ffn").unsqueeze(1).to(w.dtype)))
+    maps.append((down, "weight", lambda w: down_columns(w, current("ffn").to(w.dtype), online)))
+    return maps
+
+
+@torch.no_grad()
+def fold_block_transforms(model: Denoiser, layout: RotationLayout, transforms: dict[str, torch.Tensor]) -> None:
+    """Fold learned per-block transforms (``BLOCK_TRANSFORM_KEYS``) into a rotated model, in place; the
+    function it computes does not change."""
+    check_block_transforms(model, layout, transforms)
+    value, norm_scale, ffn_scale = (transforms[k].to(model.device, torch.float64) for k in BLOCK_TRANSFORM_KEYS)
+    for i, block in enumerate(model.blocks):
+        fixed = {"t": value[i], "t_inv_t": torch.linalg.inv(value[i]).mT, "norm": norm_scale[i], "ffn": ffn_scale[i]}
+        for module, name, fn in _block_maps(block, layout, fixed.__getitem__):
+            tensor = getattr(module, name)
+            _set(tensor, fn(tensor.detach().double()))
+
+
 def skew_rotation(a: torch.Tensor) -> torch.Tensor:
     """exp(A - A^T): an orthogonal [D, D] matrix for any A [D, D], the identity at A = 0."""
     return torch.linalg.matrix_exp(a - a.T)
 
 
-class _Turned(nn.Module):
-    """Parametrization of one residual weight under the rotation being learned: readers W R, writers R^T W."""
+class _Through(nn.Module):
+    """Parametrization of a weight as a function of the transforms being learned: ``fn(value)`` reads them
+    from a plain dict the learning loop refills every step, so every weight sees the step's one set."""
 
-    def __init__(self, current: dict[str, torch.Tensor], reader: bool):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
-        self.current = current  # a plain dict, so every weight shares the one R of the step
-        self.reader = reader
+        self.fn = fn
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        r = self.current["r"].to(value.dtype)
-        return value @ r if self.reader else r.T @ value
+        return self.fn(value)
+
+
+class _Learned:
+    """The free parameters of what ``learn_rotation`` learns and the transforms they make.
+
+    R = exp(A - A^T); per block, T_k = exp(B_k - B_k^T) diag(e^c_k) and the scales e^n, e^f. At zero every
+    transform is the identity, so learning starts from the model as it is."""
+
+    def __init__(self, model: Denoiser, layout: RotationLayout, blocks: bool):
+        device = model.device
+        dim = model.get_submodule(layout.embedding).weight.shape[1]
+        self.a = torch.zeros(dim, dim, device=device, requires_grad=True)
+        self.blocks = blocks
+        if blocks:
+            n, block = len(model.blocks), model.blocks[0]
+            dh = block.get_submodule(layout.value).weight.shape[0] // layout.value_heads
+            ffn = block.get_submodule(layout.ffn_up).weight.shape[0]
+            zeros = lambda *shape: torch.zeros(*shape, device=device, requires_grad=True)  # noqa: E731
+            self.b = zeros(n, layout.value_heads, dh, dh)
+            self.c = zeros(n, layout.value_heads, dh)
+            self.n = zeros(n, len(layout.norm_readers), dim)
+            self.f = zeros(n, ffn)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.a, self.b, self.c, self.n, self.f] if self.blocks else [self.a]
+
+    def current(self) -> dict[str, torch.Tensor]:
+        """What the weights read this step: "r", and per block "t", "t_inv_t", "norm", "ffn"."""
+        out = {"r": skew_rotation(self.a)}
+        if self.blocks:
+            r = torch.linalg.matrix_exp(self.b - self.b.transpose(-1, -2))
+            out["t"] = r * self.c.exp().unsqueeze(-2)  # R diag(e^c)
+            out["t_inv_t"] = r * (-self.c).exp().unsqueeze(-2)  # (R diag(e^c))^-T = R diag(e^-c)
+            out["norm"], out["ffn"] = self.n.exp(), self.f.exp()
+        return out
+
+    @torch.no_grad()
+    def result(self) -> dict[str, torch.Tensor]:
+        out = {ROTATION_KEY: skew_rotation(self.a.double())}
+        if self.blocks:
+            r = torch.linalg.matrix_exp((self.b - self.b.transpose(-1, -2)).double())
+            out[VALUE_KEY] = r * self.c.double().exp().unsqueeze(-2)
+            out[NORM_SCALE_KEY], out[FFN_SCALE_KEY] = self.n.double().exp(), self.f.double().exp()
+        return out
+
+
+def _parametrize(model: Denoiser, layout: RotationLayout, now: dict[str, torch.Tensor], blocks: bool) -> list:
+    """Make every weight the learned transforms touch read them from ``now``; returns (module, name) pairs
+    to undo. The residual rotation goes first, as ``fold_rotation`` precedes ``fold_block_transforms``."""
+    done = []
+
+    def through(module: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        parametrize.register_parametrization(module, name, _Through(fn))
+        done.append((module, name))
+
+    readers, writers = residual_linears(model, layout)
+    for linear in readers:
+        through(linear, "weight", lambda w: w @ now["r"].to(w.dtype))
+    for linear in writers:
+        through(linear, "weight", lambda w: now["r"].T.to(w.dtype) @ w)
+        if linear.bias is not None:  # a reader's bias lives on its output side
+            through(linear, "bias", lambda b: now["r"].T.to(b.dtype) @ b)
+    if not blocks:
+        return done
+    for i, block in enumerate(model.blocks):
+        for module, name, fn in _block_maps(block, layout, lambda key, i=i: now[key][i]):
+            through(module, name, fn)
+    return done
 
 
 def learn_rotation(
@@ -124,10 +284,12 @@ def learn_rotation(
     lr: float,
     batch: int,
     seed: int,
+    block_transforms: bool = False,
     on_step: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """Learn an orthogonal R [D, D] (float64) on top of the model's current residual basis and return it;
-    the model is left unchanged.
+) -> dict[str, torch.Tensor]:
+    """Learn an orthogonal R [D, D] (float64) on top of the model's current residual basis, and with
+    ``block_transforms`` the per-block transforms of ``fold_block_transforms``; return them by key
+    (``ROTATION_KEY``, ``BLOCK_TRANSFORM_KEYS``). The model is left unchanged.
 
     ``model`` must be norm-fused (``rotate_model``). Per chunk, ``tokens`` [S, L] are the calibration
     states, ``weights`` [S, L] their token weights and ``decision_masks`` [S, L] the logit positions that
@@ -140,7 +302,6 @@ def learn_rotation(
     (docs/RESULTS.md).
     """
     layout = model.rotation_layout()
-    dim = model.get_submodule(layout.embedding).weight.shape[1]
     device = model.device
     contexts = [model.block_context(t) for t in tokens]
     with torch.no_grad():
@@ -151,20 +312,16 @@ def learn_rotation(
                 hidden = model.run_block(block, hidden, ctx)
             targets.append(hidden)
 
-    a = torch.zeros(dim, dim, device=device, requires_grad=True)
-    current = {"r": torch.eye(dim, device=device)}
-    readers, writers = residual_linears(model, layout)
-    for reader, linears in ((True, readers), (False, writers)):
-        for linear in linears:
-            parametrize.register_parametrization(linear, "weight", _Turned(current, reader))
-            if linear.bias is not None and not reader:  # a reader's bias lives on its output side
-                parametrize.register_parametrization(linear, "bias", _Turned(current, reader))
+    learned = _Learned(model, layout, block_transforms)
+    now = learned.current()
+    now = {key: value.detach() for key, value in now.items()}
+    parametrized = _parametrize(model, layout, now, block_transforms)
 
     def quantize_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
         return (fake_quant_activation(args[0], act, ste=True),)
 
     names = [name for group in model.linear_groups() for name in group]
-    optimizer = torch.optim.Adam([a], lr=lr)
+    optimizer = torch.optim.Adam(learned.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     generator = torch.Generator().manual_seed(seed)
     sizes = torch.tensor([float(t.shape[0]) for t in tokens])
@@ -177,8 +334,8 @@ def learn_rotation(
                 rows = torch.randperm(tokens[c].shape[0], generator=generator)[:batch].to(device)
                 ids, mask = tokens[c][rows], decision_masks[c][rows]
                 ctx = model.block_context(ids)
-                r = skew_rotation(a)
-                current["r"] = r
+                now.update(learned.current())
+                r = now["r"].to(model.dtype)
                 hidden = model.embed(ids) @ r  # the embedding's rows E R
                 for block in model.blocks:
                     hidden = checkpoint(model.run_block, block, hidden, ctx, use_reentrant=False)
@@ -193,9 +350,7 @@ def learn_rotation(
                 if on_step is not None:
                     on_step()
     finally:
-        for linear in readers + writers:
-            for name in ("weight", "bias"):
-                if parametrize.is_parametrized(linear, name):
-                    parametrize.remove_parametrizations(linear, name, leave_parametrized=False)
-    with torch.no_grad():
-        return skew_rotation(a.detach().double())
+        for module, name in reversed(parametrized):
+            if parametrize.is_parametrized(module, name):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    return learned.result()

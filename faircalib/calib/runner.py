@@ -135,7 +135,7 @@ def run_calibration(
             done_clips.update(json.loads(meta["clips"]))
             done_ranges.update(json.loads(meta["ranges"]))
         if (partial / "rotation.safetensors").is_file():
-            done_fp[ROTATION_KEY] = read_safetensors(partial / "rotation.safetensors")[0][ROTATION_KEY]
+            done_fp.update(read_safetensors(partial / "rotation.safetensors")[0])
         reports = progress.get("blocks", [])
         if not quiet:
             print(f"resuming {out}: {len(reports)} block(s) already calibrated", file=sys.stderr)
@@ -155,11 +155,11 @@ def run_calibration(
     learning = cfg.rotation_steps > 0 and ROTATION_KEY not in done_fp
     rotation_bar = tqdm(total=cfg.rotation_steps, desc="stage II: rotation", unit="step", disable=quiet or not learning)
 
-    def rotation_done(rotation: torch.Tensor) -> None:
+    def rotation_done(learned: dict[str, torch.Tensor]) -> None:
         rotation_bar.close()
         timings["rotation_seconds"] = time.perf_counter() - start
         staging = partial / "rotation.safetensors.tmp"  # a kill mid-write must not leave a torn rotation
-        save_file({ROTATION_KEY: rotation.cpu().contiguous()}, str(staging))
+        save_file({key: value.cpu().contiguous() for key, value in learned.items()}, str(staging))
         os.replace(staging, partial / "rotation.safetensors")
 
     bar = tqdm(total=len(model.blocks), initial=len(reports), desc="stage II: blocks", unit="block", disable=quiet)

@@ -58,6 +58,14 @@ class RotationLayout:
     writers: tuple[str, ...]  # linears whose output is added to the residual
     ffn_down: str
     ffn_down_input: str  # the module applied to the down projection's input (Identity until rotated)
+    # Where per-block transforms fold exactly (learned on top of the rotation): the value projection's
+    # output heads into the attention output projection's input columns, and the FFN's linear branch
+    # (whose output multiplies the gate elementwise) into the down projection's input columns.
+    value: str
+    attn_out: str
+    ffn_up: str
+    query_heads: int
+    value_heads: int  # each value head serves query_heads // value_heads query heads (grouped-query attention)
 
 
 class Denoiser(nn.Module, ABC):

@@ -204,4 +204,9 @@ class Dream(NativeDenoiser):
             writers=("self_attn.o_proj", "mlp.down_proj"),
             ffn_down="mlp.down_proj",
             ffn_down_input="mlp.down_input",
+            value="self_attn.v_proj",
+            attn_out="self_attn.o_proj",
+            ffn_up="mlp.up_proj",
+            query_heads=self.config.num_attention_heads,
+            value_heads=self.config.num_key_value_heads,
         )

@@ -202,4 +202,9 @@ class LLaDA(NativeDenoiser):
             writers=("attn_out", "ff_out"),
             ffn_down="ff_out",
             ffn_down_input="down_input",
+            value="v_proj",
+            attn_out="attn_out",
+            ffn_up="up_proj",
+            query_heads=self.config.n_heads,
+            value_heads=self.config.n_kv_heads,
         )
