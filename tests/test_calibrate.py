@@ -33,8 +33,8 @@ def small(method, **kw):
         small("gptq", abits=8, group_size=16),
         small("rtn", wbits=8, w_symmetric=False),
         small("quarot", abits=4),
-        small("fair", abits=4, rotation_steps=4),
-        small("fair", abits=4, rotation_steps=4, block_transforms=True),
+        small("fair", abits=4, rotation_steps=4, block_transforms=False),
+        small("fair", abits=4, rotation_steps=4),  # block transforms too, by default
         small("smoothquant", wbits=8, abits=8),
         small("gptq-recon", wbits=8, abits=8, a_static=True),
     ],
@@ -138,9 +138,7 @@ def test_failed_save_leaves_no_artifact(tmp_path, tiny_dirs, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "cfg",
-    [small("fair"), small("fair", abits=4, rotation_steps=4, block_transforms=True)],
-    ids=["w4a16", "w4a4-learned"],
+    "cfg", [small("fair"), small("fair", abits=4, rotation_steps=4)], ids=["w4a16", "w4a4-learned"]
 )
 def test_interrupted_run_resumes_from_the_last_finished_block(tmp_path, tiny_dirs, monkeypatch, cfg):
     whole = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "whole", quiet=True)
@@ -215,6 +213,11 @@ def test_fair_and_its_twin_rotate_whenever_activations_are_quantized():
     assert preset("fair", abits=4, rotation_steps=100).rotation_steps == 100  # --rotation-steps wins
     assert preset("fair", abits=8).rotation_steps == 0 and preset("quarot", abits=4).rotation_steps == 0
     assert preset("fair", abits=4, rotate=False).rotation_steps == 0
+    # block transforms are learned with the rotation, by both, and only then
+    assert preset("fair", abits=4).block_transforms and preset("gptq-recon", abits=4).block_transforms
+    assert not preset("fair", abits=4, rotation_steps=0).block_transforms  # no rotation learned, none refused
+    assert not preset("fair", abits=4, block_transforms=False).block_transforms  # --no-block-transforms wins
+    assert not preset("fair", abits=8).block_transforms and not preset("quarot", abits=4).block_transforms
 
 
 def test_fair_sharpens_its_token_weights_only_at_4_bit_activations():

@@ -153,7 +153,13 @@ def preset(method: str, **overrides: Any) -> QuantConfig:
     200 steps rather than its twin's 100, spending part of the 1.5x of the twin's time the issue allows it
     (about 1.3x): write error, decision margins and commit order improved on eight seeds of ten. Much of that
     gain is compute, not the prior: given the same steps the twin gains as much on the margins, though less
-    on write error and commit order (docs/RESULTS.md, "Twice the rotation steps")."""
+    on write error and commit order (docs/RESULTS.md, "Twice the rotation steps"). With the rotation both
+    learn per-block transforms that fold into the weights (value-head transforms, per-channel smoothing).
+    They need the steps: at 200 they cut FAIR-Calib's frontier flips on seven seeds of eight (2.40 against
+    2.59 %), at the twin's 100 they left the twin's where they were. Given 200 steps too, the twin gains as
+    much and more (four seeds: level on flips, ahead on write error, margins and commit order), so
+    FAIR-Calib's lead over its default twin is compute, not the prior (docs/RESULTS.md, "Learned block
+    transforms")."""
     if method not in _PRESETS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     values = dict(_PRESETS[method], method=method)
@@ -163,6 +169,7 @@ def preset(method: str, **overrides: Any) -> QuantConfig:
         values["rotate"] = True
         if overrides.get("abits") == 4 and overrides.get("rotate") is not False:
             values["rotation_steps"] = 200 if method == "fair" else 100
+            values["block_transforms"] = overrides.get("rotation_steps") != 0
     if method == "fair" and overrides.get("abits") == 4:
         values.update(beta=16.0, w_max=32.0)
     values.update({k: v for k, v in overrides.items() if v is not None})
