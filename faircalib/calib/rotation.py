@@ -157,21 +157,22 @@ def _block_maps(
     block: nn.Module, layout: RotationLayout, current: Callable[[str], torch.Tensor]
 ) -> list[tuple[nn.Module, str, Callable[[torch.Tensor], torch.Tensor]]]:
     """(module, tensor name, map) for every tensor one block's transforms change. ``current(key)`` gives
-    the block's transform when a map runs: "t" and "t_inv_t" [value heads, dh, dh] (T and T^-T), "norm"
-    [norms, D], "ffn" [F]; folding reads fixed tensors, learning the ones of the step."""
+    the block's share of a ``BLOCK_TRANSFORM_KEYS`` transform when a map runs, and "t_inv_t" [value heads,
+    dh, dh] each T's inverse transpose; folding reads fixed tensors, learning the ones of the step."""
     v, out = block.get_submodule(layout.value), block.get_submodule(layout.attn_out)
-    maps = [(v, "weight", lambda w: value_rows(w, current("t").to(w.dtype)))]
+    maps = [(v, "weight", lambda w: value_rows(w, current(VALUE_KEY).to(w.dtype)))]
     if v.bias is not None:
-        maps.append((v, "bias", lambda b: value_rows(b, current("t").to(b.dtype))))
+        maps.append((v, "bias", lambda b: value_rows(b, current(VALUE_KEY).to(b.dtype))))
     maps.append((out, "weight", lambda w: out_columns(w, current("t_inv_t").to(w.dtype), layout.query_heads)))
     for k, (norm_name, reader_names) in enumerate(layout.norm_readers):
-        maps.append((block.get_submodule(norm_name), "weight", lambda w, k=k: w / current("norm")[k].to(w.dtype)))
+        scale = lambda w, k=k: current(NORM_SCALE_KEY)[k].to(w.dtype)  # noqa: E731
+        maps.append((block.get_submodule(norm_name), "weight", lambda w, scale=scale: w / scale(w)))
         for name in reader_names:
-            maps.append((block.get_submodule(name), "weight", lambda w, k=k: w * current("norm")[k].to(w.dtype)))
+            maps.append((block.get_submodule(name), "weight", lambda w, scale=scale: w * scale(w)))
     up, down = block.get_submodule(layout.ffn_up), block.get_submodule(layout.ffn_down)
     online = block.get_submodule(layout.ffn_down_input)
-    maps.append((up, "weight", lambda w: w / current("ffn").unsqueeze(1).to(w.dtype)))
-    maps.append((down, "weight", lambda w: down_columns(w, current("ffn").to(w.dtype), online)))
+    maps.append((up, "weight", lambda w: w / current(FFN_SCALE_KEY).unsqueeze(1).to(w.dtype)))
+    maps.append((down, "weight", lambda w: down_columns(w, current(FFN_SCALE_KEY).to(w.dtype), online)))
     return maps
 
 
@@ -180,10 +181,10 @@ def fold_block_transforms(model: Denoiser, layout: RotationLayout, transforms: d
     """Fold learned per-block transforms (``BLOCK_TRANSFORM_KEYS``) into a rotated model, in place; the
     function it computes does not change."""
     check_block_transforms(model, layout, transforms)
-    value, norm_scale, ffn_scale = (transforms[k].to(model.device, torch.float64) for k in BLOCK_TRANSFORM_KEYS)
+    stacked = {key: transforms[key].to(model.device, torch.float64) for key in BLOCK_TRANSFORM_KEYS}
+    stacked["t_inv_t"] = torch.linalg.inv(stacked[VALUE_KEY]).mT
     for i, block in enumerate(model.blocks):
-        fixed = {"t": value[i], "t_inv_t": torch.linalg.inv(value[i]).mT, "norm": norm_scale[i], "ffn": ffn_scale[i]}
-        for module, name, fn in _block_maps(block, layout, fixed.__getitem__):
+        for module, name, fn in _block_maps(block, layout, lambda key, i=i: stacked[key][i]):
             tensor = getattr(module, name)
             _set(tensor, fn(tensor.detach().double()))
 
@@ -230,23 +231,25 @@ class _Learned:
         return [self.a, self.b, self.c, self.n, self.f] if self.blocks else [self.a]
 
     def current(self) -> dict[str, torch.Tensor]:
-        """What the weights read this step: "r", and per block "t", "t_inv_t", "norm", "ffn"."""
-        out = {"r": skew_rotation(self.a)}
-        if self.blocks:
-            r = torch.linalg.matrix_exp(self.b - self.b.transpose(-1, -2))
-            out["t"] = r * self.c.exp().unsqueeze(-2)  # R diag(e^c)
-            out["t_inv_t"] = r * (-self.c).exp().unsqueeze(-2)  # (R diag(e^c))^-T = R diag(e^-c)
-            out["norm"], out["ffn"] = self.n.exp(), self.f.exp()
-        return out
+        """What the weights read this step, by ``LEARNED_KEYS`` (and "t_inv_t", each T's inverse transpose)."""
+        return _made(self.parameters())
 
     @torch.no_grad()
     def result(self) -> dict[str, torch.Tensor]:
-        out = {ROTATION_KEY: skew_rotation(self.a.double())}
-        if self.blocks:
-            r = torch.linalg.matrix_exp((self.b - self.b.transpose(-1, -2)).double())
-            out[VALUE_KEY] = r * self.c.double().exp().unsqueeze(-2)
-            out[NORM_SCALE_KEY], out[FFN_SCALE_KEY] = self.n.double().exp(), self.f.double().exp()
-        return out
+        made = _made([p.double() for p in self.parameters()])
+        return {key: made[key] for key in LEARNED_KEYS if key in made}
+
+
+def _made(params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The transforms of ``_Learned``'s free parameters [A] or [A, B, c, n, f], by ``LEARNED_KEYS``."""
+    out = {ROTATION_KEY: skew_rotation(params[0])}
+    if len(params) > 1:
+        b, c, n, f = params[1:]
+        r = torch.linalg.matrix_exp(b - b.transpose(-1, -2))
+        out[VALUE_KEY] = r * c.exp().unsqueeze(-2)  # R diag(e^c)
+        out["t_inv_t"] = r * (-c).exp().unsqueeze(-2)  # (R diag(e^c))^-T = R diag(e^-c)
+        out[NORM_SCALE_KEY], out[FFN_SCALE_KEY] = n.exp(), f.exp()
+    return out
 
 
 def _parametrize(model: Denoiser, layout: RotationLayout, now: dict[str, torch.Tensor], blocks: bool) -> list:
@@ -260,11 +263,11 @@ def _parametrize(model: Denoiser, layout: RotationLayout, now: dict[str, torch.T
 
     readers, writers = residual_linears(model, layout)
     for linear in readers:
-        through(linear, "weight", lambda w: w @ now["r"].to(w.dtype))
+        through(linear, "weight", lambda w: w @ now[ROTATION_KEY].to(w.dtype))
     for linear in writers:
-        through(linear, "weight", lambda w: now["r"].T.to(w.dtype) @ w)
+        through(linear, "weight", lambda w: now[ROTATION_KEY].T.to(w.dtype) @ w)
         if linear.bias is not None:  # a reader's bias lives on its output side
-            through(linear, "bias", lambda b: now["r"].T.to(b.dtype) @ b)
+            through(linear, "bias", lambda b: now[ROTATION_KEY].T.to(b.dtype) @ b)
     if not blocks:
         return done
     for i, block in enumerate(model.blocks):
@@ -335,7 +338,7 @@ def learn_rotation(
                 ids, mask = tokens[c][rows], decision_masks[c][rows]
                 ctx = model.block_context(ids)
                 now.update(learned.current())
-                r = now["r"].to(model.dtype)
+                r = now[ROTATION_KEY].to(model.dtype)
                 hidden = model.embed(ids) @ r  # the embedding's rows E R
                 for block in model.blocks:
                     hidden = checkpoint(model.run_block, block, hidden, ctx, use_reentrant=False)
