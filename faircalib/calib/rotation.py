@@ -132,17 +132,21 @@ def down_columns(weight: torch.Tensor, scale: torch.Tensor, online: OnlineHadama
     return online(online(weight) * scale)
 
 
-def check_block_transforms(model: Denoiser, layout: RotationLayout, transforms: dict[str, torch.Tensor]) -> None:
-    """Refuse block transforms that are missing, were learned for another shape of model, or cannot fold."""
+def block_transform_shapes(model: Denoiser, layout: RotationLayout) -> dict[str, tuple[int, ...]]:
+    """The shape of each of ``BLOCK_TRANSFORM_KEYS`` for ``model``."""
     n, block = len(model.blocks), model.blocks[0]
     dim = model.get_submodule(layout.embedding).weight.shape[1]
     dh = block.get_submodule(layout.value).weight.shape[0] // layout.value_heads
-    expected = {
+    return {
         VALUE_KEY: (n, layout.value_heads, dh, dh),
         NORM_SCALE_KEY: (n, len(layout.norm_readers), dim),
         FFN_SCALE_KEY: (n, block.get_submodule(layout.ffn_up).weight.shape[0]),
     }
-    for key, shape in expected.items():
+
+
+def check_block_transforms(model: Denoiser, layout: RotationLayout, transforms: dict[str, torch.Tensor]) -> None:
+    """Refuse block transforms that are missing, were learned for another shape of model, or cannot fold."""
+    for key, shape in block_transform_shapes(model, layout).items():
         if key not in transforms:
             raise ConfigError(f"the block transforms lack {key!r}")
         if tuple(transforms[key].shape) != shape:
@@ -218,14 +222,12 @@ class _Learned:
         self.a = torch.zeros(dim, dim, device=device, requires_grad=True)
         self.blocks = blocks
         if blocks:
-            n, block = len(model.blocks), model.blocks[0]
-            dh = block.get_submodule(layout.value).weight.shape[0] // layout.value_heads
-            ffn = block.get_submodule(layout.ffn_up).weight.shape[0]
-            zeros = lambda *shape: torch.zeros(*shape, device=device, requires_grad=True)  # noqa: E731
-            self.b = zeros(n, layout.value_heads, dh, dh)
-            self.c = zeros(n, layout.value_heads, dh)
-            self.n = zeros(n, len(layout.norm_readers), dim)
-            self.f = zeros(n, ffn)
+            shapes = block_transform_shapes(model, layout)
+            zeros = lambda shape: torch.zeros(shape, device=device, requires_grad=True)  # noqa: E731
+            self.b = zeros(shapes[VALUE_KEY])
+            self.c = zeros(shapes[VALUE_KEY][:-1])
+            self.n = zeros(shapes[NORM_SCALE_KEY])
+            self.f = zeros(shapes[FFN_SCALE_KEY])
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.a, self.b, self.c, self.n, self.f] if self.blocks else [self.a]
@@ -316,8 +318,7 @@ def learn_rotation(
             targets.append(hidden)
 
     learned = _Learned(model, layout, block_transforms)
-    now = learned.current()
-    now = {key: value.detach() for key, value in now.items()}
+    now = {key: value.detach() for key, value in learned.current().items()}
     parametrized = _parametrize(model, layout, now, block_transforms)
 
     def quantize_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
