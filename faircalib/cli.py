@@ -255,7 +255,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
         nll_windows = wiki.text_windows(tokenizer, "eval", args.n_prompts, prompt_tokens + sampling.gen_length)
     else:
         raise ConfigError("this model has no tokenizer: pass --prompts with prompts it can read")
-    references = teacher_runs(teacher, prompts, sampling, teacher.spec, batch_size=args.batch_size)
+    references = teacher_runs(
+        teacher, prompts, sampling, teacher.spec, batch_size=args.batch_size, device=teacher.device
+    )
     report = parity_report(
         teacher, student, prompts, sampling, nll_windows=nll_windows, quiet=args.quiet, references=references
     )

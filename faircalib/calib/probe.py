@@ -52,10 +52,8 @@ def probe_statistics(runs: Sequence[GenerationResult], mask_id: int) -> ProbeSta
     """Frontier hits and masked-stage reliability over recorded teacher runs (any prompt lengths)."""
     if not runs:
         raise ConfigError("the probe needs at least one teacher run")
-    gen = runs[0].generated.shape[1]
-    hits = torch.zeros(gen, dtype=torch.float64)
-    masked_steps = torch.zeros(gen, dtype=torch.float64)
-    agreeing = torch.zeros(gen, dtype=torch.float64)
+    gen, device = runs[0].generated.shape[1], runs[0].tokens.device
+    hits, masked_steps, agreeing = (torch.zeros(gen, dtype=torch.float64, device=device) for _ in range(3))
     rows = 0
     for run in runs:
         if run.trajectory is None:

@@ -100,7 +100,7 @@ def teacher_states(
                     )  # fmt: skip
                 )
             else:
-                weights.append(torch.ones(record.tokens.shape))
+                weights.append(torch.ones_like(record.tokens, dtype=torch.float32))
         chunks.append(StateChunk(torch.cat(tokens), torch.cat(weights)))
     description = {
         "kind": "teacher trajectory states",

@@ -20,10 +20,11 @@ from faircalib.sampling.trajectory import GenerationResult, Trajectory, record_s
 def step_logits(
     denoise: Denoise, x: torch.Tensor, prompt_len: int, sampling: Sampling, spec: DenoiserSpec
 ) -> torch.Tensor:
-    """[B, L, V] logits the sampler decides from (after guidance or the logit shift)."""
+    """[B, L, V] logits the sampler decides from (after guidance or the logit shift), on ``x``'s device:
+    an ONNX Runtime student answers on the CPU while a teacher's recorded states may live on a GPU."""
     if isinstance(sampling, DreamSampling):
-        return dream_logits(denoise, x, spec)
-    return llada_logits(denoise, x, prompt_len, sampling, spec)
+        return dream_logits(denoise, x, spec).to(x.device)
+    return llada_logits(denoise, x, prompt_len, sampling, spec).to(x.device)
 
 
 def decide(

@@ -189,9 +189,11 @@ def masked_nll(denoise: Denoise, windows: torch.Tensor, spec: DenoiserSpec, seed
     generator = torch.Generator().manual_seed(seed)
     total, tokens = 0.0, 0
     for chunk in windows.split(32):
+        # drawn on the CPU, so a model on a GPU sees the same masks
         t = eps + (1 - eps) * torch.rand(chunk.shape[0], 1, generator=generator)
         masked = torch.rand(chunk.shape, generator=generator) < t
-        logits = denoise(torch.where(masked, spec.mask_token_id, chunk).to(windows.device))
+        t, masked = t.to(chunk.device), masked.to(chunk.device)
+        logits = denoise(torch.where(masked, spec.mask_token_id, chunk)).to(chunk.device)
         if spec.logit_shift:
             logits = shift_logits(logits)
         nll = F.cross_entropy(logits.float().transpose(1, 2), chunk, reduction="none")

@@ -1,0 +1,81 @@
+"""The GPU path: calibration, the fake-quant student and parity with the model on CUDA. Skipped where there
+is no GPU (CI); run on a lent H100 (docs/RESULTS.md, "On a GPU")."""
+
+import json
+
+import pytest
+import torch
+
+from faircalib.calib.artifact import QuantArtifact
+from faircalib.calib.config import preset
+from faircalib.calib.evaluate import fake_quant_student
+from faircalib.calib.runner import run_calibration
+from faircalib.cli import main
+from faircalib.models import load_denoiser
+from faircalib.sampling import LLaDASampling
+from faircalib.zoo import model_dir as bundled_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SAMPLING = LLaDASampling(gen_length=8, block_length=4, steps=8)
+PROMPTS = torch.randint(3, 90, (6, 5), generator=torch.Generator().manual_seed(0)).tolist()
+IDS = torch.randint(3, 90, (4, 12), generator=torch.Generator().manual_seed(1))
+
+
+def small(method, **kw):
+    return preset(method, n_prompts=6, states_per_prompt=3, recon_steps=5, recon_batch=4, **kw)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        small("rtn"),
+        small("gptq", abits=8),
+        small("fair", abits=4, rotation_steps=0),
+        small("fair", abits=4, rotation_steps=4),
+    ],
+    ids=["rtn-w4a16", "gptq-w4a8", "fair-w4a4-hadamard", "fair-w4a4-learned"],
+)
+def test_calibration_on_cuda_matches_the_cpu_one(tmp_path, tiny_dirs, cfg):
+    """As good a student as on the CPU. Without a learned rotation, the same one up to float rounding: the two
+    differ by far less than either differs from the full-precision model (RTN: the very same codes). Adam's
+    first steps move every entry of a learned rotation by about its step size, in the direction of the sign
+    of the gradient, and where a gradient is rounding noise that sign differs between devices: learned
+    rotations are equally good, not equal."""
+    model_dir = tiny_dirs["llada"]
+    on_cpu = run_calibration(model_dir, cfg, SAMPLING, PROMPTS, tmp_path / "cpu", quiet=True)
+    on_gpu = run_calibration(model_dir, cfg, SAMPLING, PROMPTS, tmp_path / "gpu", device="cuda", quiet=True)
+    assert on_gpu.manifest["peak_memory_mb"] > 0
+    loaded = QuantArtifact.load(tmp_path / "gpu")  # what a user reloads, on the CPU
+    teacher = load_denoiser(model_dir)
+    reference = teacher(IDS)
+    student_cpu = fake_quant_student(teacher, on_cpu)(IDS)
+    student_gpu = fake_quant_student(teacher, loaded)(IDS)
+    error_cpu, error_gpu = (student_cpu - reference).norm(), (student_gpu - reference).norm()
+    assert 0 < error_gpu < 1.25 * error_cpu, (float(error_gpu), float(error_cpu))
+    if cfg.rotation_steps == 0:
+        ratio = float((student_gpu - student_cpu).norm() / error_cpu)
+        assert ratio < 0.2, ratio
+    if cfg.method == "rtn":
+        assert all(torch.equal(loaded.weights[k].codes, w.codes) for k, w in on_cpu.weights.items())
+
+
+def test_cli_calibrate_and_parity_on_cuda(tmp_path, capsys):
+    """The bundled model end to end with ``--device cuda``: the teacher's recorded states live on the GPU."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The history of the city\nIn mathematics, a group is\nThe river flows\nA famous painter\n")
+    schedule = ["--gen-length", "8", "--block-length", "4", "--steps", "8"]
+    art = tmp_path / "art"
+    code = main([
+        "calibrate", "--model", str(bundled_model()), "--device", "cuda", "--method", "fair", "--abits", "4",
+        "--calib-prompts", str(prompts), "--n-prompts", "4", "--states-per-prompt", "2", "--rotation-steps", "4",
+        "--recon-steps", "5", *schedule, "--quiet", "--out", str(art),
+    ])  # fmt: skip
+    assert code == 0 and (art / "manifest.json").is_file()
+    capsys.readouterr()
+    code = main([
+        "parity", "--model", str(bundled_model()), "--device", "cuda", "--artifact", str(art),
+        "--prompts", str(prompts), *schedule, "--json", "--quiet",
+    ])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and 0 <= report["frontier_flip_rate"] <= 1 and report["teacher_commits"] == 4 * 8
