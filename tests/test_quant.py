@@ -144,6 +144,20 @@ def test_weighted_hessian_matches_slow_reference():
     assert total == pytest.approx(float(w.sum()), rel=1e-6)
 
 
+def test_weighted_hessian_in_slices_matches_one_product():
+    """Slices of a few rows (cast to float64 one at a time) sum to what one float64 product gives."""
+    x = torch.randn(3, 37, 16, dtype=torch.bfloat16)
+    w = torch.rand(3, 37) * 4
+    rows = x.reshape(-1, 16).double() * w.reshape(-1, 1).double().sqrt()
+    for slice_bytes in (1, 8 * 16 * 5, 2**28):  # one row, five rows, everything at once
+        gram, total = weighted_gram(x, w, slice_bytes=slice_bytes)
+        torch.testing.assert_close(gram, rows.T @ rows, rtol=1e-12, atol=1e-12)
+        assert total == pytest.approx(float(w.double().sum()))
+    plain, n = weighted_gram(x, slice_bytes=8 * 16 * 5)
+    torch.testing.assert_close(plain, x.reshape(-1, 16).double().T @ x.reshape(-1, 16).double())
+    assert n == 3 * 37
+
+
 def test_uniform_weights_give_the_plain_hessian():
     x = torch.randn(50, 12)
     plain, n = weighted_gram(x)

@@ -192,7 +192,7 @@ def test_learned_rotation_lowers_the_four_bit_kl_and_leaves_the_model_alone(fami
 
 def test_rotation_and_block_transforms_learn_on_a_bf16_model():
     model = tiny_denoiser("dream", seed=4).to(torch.bfloat16)
-    layout = rotate_model(model, seed=0)
+    rotate_model(model, seed=0)
     tokens = torch.randint(3, 90, (8, 10), generator=torch.Generator().manual_seed(0))
     tokens[:, 6:] = model.spec.mask_token_id
     masks = decision_masks([tokens], model.spec)
