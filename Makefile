@@ -9,7 +9,7 @@ ANTIBERTY := antiberty==0.1.3
 MODEL  ?= faircalib/zoo/llada-wiki-tiny
 PROMPT ?= The history of the city
 
-.PHONY: install test test-fast lint format demo bench latency export engine parity train clean
+.PHONY: install test test-fast lint format demo bench bench-gpu latency export engine parity train clean
 
 install: $(VENV)/.installed
 
@@ -78,6 +78,12 @@ LATENCY    ?= runs/latency
 bench: install
 	$(BIN)/faircalib bench $(BENCH_FLAGS)
 	$(MAKE) latency
+
+# On a CUDA machine: calibration time and peak memory at LLaDA-8B scale (its architecture, random weights),
+# and the online Hadamard's speed; GPU_FLAGS e.g. "--layers 4 --methods fair gptq-recon" (docs/RESULTS.md).
+GPU_FLAGS ?=
+bench-gpu: install
+	$(BIN)/python benchmarks/gpu_scale.py --out runs/gpu-scale $(GPU_FLAGS)
 
 # Per-step latency of one denoiser forward on ONNX Runtime CPU (one thread) for the fp32, W4A16 and
 # W8A8 (static INT8 Q/DQ) exports against PyTorch fp32; latency does not depend on the calibration

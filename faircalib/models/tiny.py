@@ -53,11 +53,16 @@ def tiny_dream_config(**overrides) -> DreamConfig:
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Deterministic init with peaked outputs: weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norms ~ 1."""
-    generator = torch.Generator().manual_seed(seed)
+    """Deterministic init with peaked outputs: weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norms ~ 1.
+
+    Drawn on the parameters' device (the same numbers as before on the CPU), so an 8B-sized model built on a
+    GPU is filled in seconds.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
+            noise = torch.randn(param.shape, generator=generator, device=device)
             if param.ndim == 1:
                 value = 1.0 + 0.1 * noise if "norm" in name or "LayerNorm" in name else 0.02 * noise
             elif "embed" in name or "wte" in name or "embeddings" in name:
