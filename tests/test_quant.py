@@ -103,6 +103,9 @@ def test_quant_linear_takes_the_integer_product_of_the_slow_reference(spec, act)
     reference = torch.nn.functional.linear(fake_quant_activation(x, act), q.dequantize(), bias)
     torch.testing.assert_close(layer_(x), reference, rtol=1e-5, atol=1e-4)
     assert torch.equal(q.centred_codes(), q.centred_codes().round())
+    # the codes are kept as the narrowest integers that hold them, exactly
+    assert layer_.weight_codes.dtype == (torch.int8 if spec.bits == 4 or spec.symmetric else torch.int16)
+    assert torch.equal(layer_.weight_codes.float(), q.centred_codes().T)
 
 
 def test_code_products_do_not_depend_on_summation_order():

@@ -34,6 +34,12 @@ class QuantizedWeight:
         return (codes.reshape(codes.shape[0], groups, -1) - self.zero.unsqueeze(-1)).reshape(codes.shape)
 
 
+def integer_dtype(values: torch.Tensor) -> torch.dtype:
+    """The narrower of int8 / int16 that holds these integers (centred 8-bit asymmetric codes span +-255)."""
+    low, high = (float(values.min()), float(values.max())) if values.numel() else (0.0, 0.0)
+    return torch.int8 if low >= -128 and high <= 127 else torch.int16
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b on quantized weights.
 
@@ -55,7 +61,10 @@ class QuantLinear(nn.Module):
         self.act = act
         self.dtype = dtype
         if act.enabled and act.static_amax is None:
-            self.register_buffer("weight_codes", weight.centred_codes().T.contiguous())  # [K, N]
+            # kept as integers, cast per product: in float32 they took twice a bf16 layer's memory, 0.8 GiB a
+            # block at LLaDA-8B's size (docs/RESULTS.md, "On a GPU")
+            centred = weight.centred_codes().T
+            self.register_buffer("weight_codes", centred.to(integer_dtype(centred)).contiguous())  # [K, N]
             self.register_buffer("weight_scale", weight.scale.float().T.contiguous())  # [G, N]
             self.weight = None
         else:

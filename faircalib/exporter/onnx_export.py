@@ -110,7 +110,7 @@ def _integer_array(codes: torch.Tensor, bits: int, signed: bool) -> np.ndarray:
 
 
 def quantize_weight_initializers(model: onnx.ModelProto, layers: dict[str, FoldedWeight], scale_dtype: np.dtype) -> int:
-    """Replace every float initializer equal to a layer's folded W^T by codes + DequantizeLinear.
+    """Replace every initializer equal to a layer's folded W^T by codes + DequantizeLinear.
 
     A W^T that holds the centred codes themselves (``scaled_after``) dequantizes with unit scales.
     Returns how many initializers were replaced; every layer must be found exactly once.
@@ -120,8 +120,12 @@ def quantize_weight_initializers(model: onnx.ModelProto, layers: dict[str, Folde
     if len(wanted) != len(layers):
         raise ConfigError("two quantized layers have identical weights: cannot tell their initializers apart")
     found: set[str] = set()
+    replaced: set[str] = set()
+    # integer initializers too: a student keeping its centred codes as int8 / int16 exports them as such,
+    # cast to float where they are multiplied
+    kinds = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.INT16)
     for init in list(graph.initializer):
-        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        if init.data_type not in kinds:
             continue
         value = numpy_helper.to_array(init)
         match = wanted.get(_digest(value.astype(np.float32, copy=False)))
@@ -132,6 +136,7 @@ def quantize_weight_initializers(model: onnx.ModelProto, layers: dict[str, Folde
         if key in found:
             raise ConfigError(f"layer {key} appears twice in the exported graph")
         found.add(key)
+        replaced.add(init.name)
         graph.initializer.remove(init)
         prefix = key.replace(".", "_")
         codes = _integer_array(q.codes.T.contiguous(), q.spec.bits, q.spec.symmetric)  # [K, N]
@@ -162,6 +167,21 @@ def quantize_weight_initializers(model: onnx.ModelProto, layers: dict[str, Folde
     missing = sorted(set(layers) - found)
     if missing:
         raise ConfigError(f"the exported graph has no weight initializer for {', '.join(missing[:3])}")
+    # An integer initializer's recorded type would contradict the float its DequantizeLinear now makes, and
+    # the Cast to float the student multiplied it through now reads that float: drop both.
+    stale = [info for info in graph.value_info if info.name in replaced]
+    for info in stale:
+        graph.value_info.remove(info)
+    dequantized = helper.np_dtype_to_tensor_dtype(np.dtype(scale_dtype))
+    readers = consumers(graph)
+    for name in replaced:
+        for cast in readers.get(name, []):
+            to = next((a for a in cast.attribute if a.name == "to"), None)
+            if cast.op_type != "Cast" or to is None or helper.get_attribute_value(to) != dequantized:
+                continue
+            for user in readers.get(cast.output[0], []):
+                user.input[:] = [name if i == cast.output[0] else i for i in user.input]
+            graph.node.remove(cast)
     return len(found)
 
 
