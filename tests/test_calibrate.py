@@ -6,9 +6,11 @@ import json
 import pytest
 import torch
 
+import faircalib.calib.forward as forward
 import faircalib.calib.pipeline as pipeline
 from faircalib.calib.artifact import QuantArtifact, model_fingerprint
 from faircalib.calib.config import preset
+from faircalib.calib.forward import run_block_sliced, states_per_slice
 from faircalib.calib.pipeline import ROTATION_KEY, apply_quantization
 from faircalib.calib.rotation import BLOCK_TRANSFORM_KEYS
 from faircalib.calib.runner import run_calibration
@@ -275,3 +277,45 @@ def test_format_1_artifacts_still_load_and_unknown_formats_are_refused(tmp_path,
         else:
             with pytest.raises(CheckpointError, match="artifact format 99"):
                 QuantArtifact.load(tmp_path / "art")
+
+
+def test_block_forward_in_slices_matches_the_whole_chunk(tiny_dirs):
+    model = load_denoiser(tiny_dirs["llada"])
+    block = model.blocks[0]
+    hidden = torch.randn(10, 7, 64, generator=torch.Generator().manual_seed(0))
+    ctx = model.block_context(torch.zeros(10, 7, dtype=torch.long))
+    widest = 192  # the tiny FFN
+    one_state = 4 * 7 * widest
+    assert states_per_slice(model, block, 7, slice_bytes=3 * one_state) == 3
+    assert states_per_slice(model, block, 7, slice_bytes=1) == 1
+    whole = model.run_block(block, hidden, ctx)
+    for slice_bytes in (one_state, 3 * one_state, 2**28):
+        torch.testing.assert_close(run_block_sliced(model, block, hidden, ctx, slice_bytes), whole)
+
+
+def test_the_bundled_model_runs_its_calibration_chunks_whole():
+    """So its calibrations compute what they computed before slicing existed (docs/RESULTS.md)."""
+    from faircalib.zoo import model_dir
+
+    model = load_denoiser(model_dir())
+    assert states_per_slice(model, model.blocks[0], 16 + 32) >= 32 * 32  # 32 prompts x 32 states, 48 tokens
+
+
+def test_hessians_collected_in_slices_match_the_whole_chunk(tiny_dirs, monkeypatch):
+    """Each slice of states must meet its own token weights."""
+    model = load_denoiser(tiny_dirs["llada"])
+    block, groups = model.blocks[0], model.linear_groups()
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(9, 6, 64, generator=g)]
+    weights = [torch.rand(9, 6, generator=g) * 5]
+    contexts = [model.block_context(torch.zeros(9, 6, dtype=torch.long))]
+    acts = {group[0]: preset("fair", abits=4).act_spec() for group in groups}
+    whole = pipeline.collect_hessians(model, block, groups, inputs, contexts, weights, acts)
+    one_state = forward.states_per_slice(model, block, 6, slice_bytes=1)
+    monkeypatch.setattr(
+        pipeline, "state_slices", lambda *args: forward.state_slices(*args, slice_bytes=2 * 4 * 6 * 192)
+    )
+    assert one_state == 1 and len(pipeline.state_slices(model, block, inputs[0], contexts[0])) == 5
+    sliced = pipeline.collect_hessians(model, block, groups, inputs, contexts, weights, acts)
+    for name, hessian in whole.items():
+        torch.testing.assert_close(sliced[name], hessian, rtol=1e-10, atol=1e-12)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from faircalib.calib.config import QuantConfig
+from faircalib.calib.forward import run_block_sliced, state_slices
 from faircalib.calib.gptq import gptq_quantize
 from faircalib.calib.hessian import accumulate_hessian
 from faircalib.calib.hooks import hooked
@@ -97,8 +98,9 @@ def collect_hessians(
 
     with hooked(block, {g[0]: hook(g[0]) for g in groups}, pre=True):
         for x, ctx, w in zip(inputs, contexts, weights, strict=True):
-            current["weights"] = w
-            model.run_block(block, x, ctx)
+            for part in state_slices(model, block, x, ctx):
+                current["weights"] = w[part]
+                model.run_block(block, x[part], ctx)
     return {name: h / total for name, (h, total) in sums.items()}
 
 
@@ -118,7 +120,7 @@ def input_peaks(
 
     with hooked(block, {name: hook(name) for name in names}, pre=True):
         for x, ctx in zip(inputs, contexts, strict=True):
-            model.run_block(block, x, ctx)
+            run_block_sliced(model, block, x, ctx)
     return peaks
 
 
@@ -193,7 +195,7 @@ def calibrate(
         start = time.perf_counter()
         report = BlockReport(index, 0.0)
         with torch.no_grad():
-            targets = [model.run_block(block, h, c) for h, c in zip(hidden_fp, contexts, strict=True)]
+            targets = [run_block_sliced(model, block, h, c) for h, c in zip(hidden_fp, contexts, strict=True)]
         keys = {name: layer_key(index, name) for name in names}
 
         if all(key in done for key in keys.values()):
@@ -208,7 +210,7 @@ def calibrate(
             calibrate_block(model, block, index, hidden_q, targets, contexts, weights, cfg, report, result, head)
 
         with torch.no_grad():
-            hidden_q = [model.run_block(block, h, c) for h, c in zip(hidden_q, contexts, strict=True)]
+            hidden_q = [run_block_sliced(model, block, h, c) for h, c in zip(hidden_q, contexts, strict=True)]
             mse = sum(
                 float(weighted_mse(q, t, w) * w.sum()) for q, t, w in zip(hidden_q, targets, weights, strict=True)
             )

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
+from faircalib.calib.forward import run_block_sliced
 from faircalib.calib.hooks import hooked
 from faircalib.calib.quant import ActSpec, fake_quant_activation
 from faircalib.calib.recon import weighted_kl
@@ -314,7 +315,7 @@ def learn_rotation(
         for t, ctx in zip(tokens, contexts, strict=True):
             hidden = model.embed(t)
             for block in model.blocks:
-                hidden = model.run_block(block, hidden, ctx)
+                hidden = run_block_sliced(model, block, hidden, ctx)
             targets.append(hidden)
 
     learned = _Learned(model, layout, block_transforms)

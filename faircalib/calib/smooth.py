@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from faircalib.calib.forward import run_block_sliced
 from faircalib.calib.hooks import hooked
 from faircalib.errors import ConfigError
 from faircalib.models.base import BlockContext, Denoiser
@@ -31,7 +32,7 @@ def norm_output_absmax(
 
     with hooked(block, {name: hook(name) for name in norm_names}, pre=False):
         for x, ctx in zip(inputs, contexts, strict=True):
-            model.run_block(block, x, ctx)
+            run_block_sliced(model, block, x, ctx)
     return peaks
 
 
