@@ -294,7 +294,7 @@ def test_block_forward_in_slices_matches_the_whole_chunk(tiny_dirs):
 
 
 def test_the_bundled_model_runs_its_calibration_chunks_whole():
-    """So its calibrations compute what they computed before slicing existed (docs/RESULTS.md)."""
+    """So its calibrations (docs/RESULTS.md) take the very products an unsliced forward takes."""
     from faircalib.zoo import model_dir
 
     model = load_denoiser(model_dir())

@@ -1,8 +1,8 @@
 """One block over a whole calibration chunk, a slice of states at a time.
 
 A chunk is every calibration state of one sequence length (1024 states by default). Run at once through a
-block of LLaDA-8B, each 12288-wide FFN activation of it is 1.2 GB in bf16, and a fake-quantized copy twice
-that: most of the ~9 GiB a block took beyond the model on an H100 (docs/RESULTS.md, "On a GPU").
+block of LLaDA-8B, each 12288-wide FFN activation of it is 1.2 GB in bf16 and a float32 fake-quantized copy
+twice that, where a block's whole work took ~9 GiB beyond the model on an H100 (docs/RESULTS.md, "On a GPU").
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ SLICE_BYTES = 2**28
 
 def states_per_slice(model: Denoiser, block: nn.Module, length: int, slice_bytes: int = SLICE_BYTES) -> int:
     """How many states of ``length`` tokens keep the block's widest linear activation, in float32, within
-    ``slice_bytes``. The bundled model's chunks fit in one slice, so they run whole as before."""
+    ``slice_bytes``. The bundled model's chunks fit in one slice: its calibrations take the very products
+    an unsliced forward takes."""
     layers = [block.get_submodule(name) for group in model.linear_groups() for name in group]
     widest = max(max(layer.in_features, layer.out_features) for layer in layers)
     return max(1, slice_bytes // (4 * length * widest))

@@ -55,8 +55,8 @@ def tiny_dream_config(**overrides) -> DreamConfig:
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Deterministic init with peaked outputs: weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norms ~ 1.
 
-    Drawn on the parameters' device (the same numbers as before on the CPU), so an 8B-sized model built on a
-    GPU is filled in seconds.
+    Drawn on the parameters' device, so an 8B-sized model built on a GPU is filled in seconds; the numbers
+    depend on the device's generator.
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
