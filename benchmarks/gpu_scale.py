@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from faircalib.calib.config import preset
-from faircalib.calib.runner import run_calibration
+from faircalib.calib.runner import host_peak_mb, run_calibration
 from faircalib.kernels.hadamard import apply_block_hadamard, hadamard_block, hadamard_matrix, hadamard_reference
 from faircalib.models import LLaDA, LLaDAConfig, load_denoiser
 from faircalib.models.tiny import randomize_
@@ -52,10 +51,6 @@ def write_random_llada(out: Path, layers: int, seed: int) -> float:
     del model
     torch.cuda.empty_cache()
     return time.perf_counter() - start
-
-
-def host_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def calibrate_one(model_dir: Path, method: str, args: argparse.Namespace, work: Path) -> dict:
@@ -91,6 +86,7 @@ def calibrate_one(model_dir: Path, method: str, args: argparse.Namespace, work: 
         "gptq_retries": sum(b["gptq_retries"] for b in blocks),
         "model_gpu_mb": round(model_mb),
         "peak_gpu_mb": round(manifest["peak_memory_mb"]),
+        "peak_gpu_mb_by_stage": manifest["gpu_peak_mb_by_stage"],
         "host_peak_mb": round(host_peak_mb()),
         "artifact_mb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20),
     }

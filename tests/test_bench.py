@@ -40,7 +40,7 @@ def test_markdown_and_svg_render():
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
 def test_a_child_reports_its_own_peak_memory_not_its_parents():
     ballast = torch.ones(384 * 2**20)  # 1.5 GiB resident in this (parent) process
-    child = "import torch; from faircalib.calib.runner import peak_memory_mb as p; print(p(torch.device('cpu')))"
+    child = "from faircalib.calib.runner import host_peak_mb; print(host_peak_mb())"
     peak = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
     assert 10 < peak < 1024, peak  # importing torch takes a few hundred MiB, far from the parent's 1.5 GiB
     del ballast

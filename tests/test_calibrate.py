@@ -14,6 +14,7 @@ from faircalib.calib.forward import run_block_sliced, states_per_slice
 from faircalib.calib.pipeline import ROTATION_KEY, apply_quantization
 from faircalib.calib.rotation import BLOCK_TRANSFORM_KEYS
 from faircalib.calib.runner import run_calibration
+from faircalib.calib.states import text_states
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.models import load_denoiser
 from faircalib.models.tiny import write_tiny_checkpoint
@@ -319,3 +320,48 @@ def test_hessians_collected_in_slices_match_the_whole_chunk(tiny_dirs, monkeypat
     sliced = pipeline.collect_hessians(model, block, groups, inputs, contexts, weights, acts)
     for name, hessian in whole.items():
         torch.testing.assert_close(sliced[name], hessian, rtol=1e-10, atol=1e-12)
+
+
+def test_offloaded_blocks_reach_the_compute_device_one_at_a_time(tiny_dirs):
+    """With ``offload``, a block comes to the compute device for its turn and goes back before the next one
+    comes; no other block runs meanwhile. The student is the one calibrated without offloading."""
+    cfg = small("gptq-recon", abits=4, rotation_steps=0)
+    calib = text_states(torch.randint(3, 90, (6, 9), generator=torch.Generator().manual_seed(0)))
+    reference = pipeline.calibrate(load_denoiser(tiny_dirs["llada"]), calib, cfg)
+
+    model = load_denoiser(tiny_dirs["llada"])
+    index = {id(block): i for i, block in enumerate(model.blocks)}
+    events = []
+
+    def spy_moves(block):
+        move = block.to
+        block.to = lambda device: events.append(("to", index[id(block)], str(device))) or move(device)
+
+    for block in model.blocks:
+        spy_moves(block)
+    run_block = model.run_block
+    model.run_block = lambda block, x, ctx: events.append(("run", index[id(block)], None)) or run_block(block, x, ctx)
+    result = pipeline.calibrate(model, calib, cfg, offload="cpu")
+
+    blocks = len(model.blocks)
+    assert events[:blocks] == [("to", i, "cpu") for i in range(blocks)]  # all wait before the first block runs
+    moves = [(i, device) for kind, i, device in events[blocks:] if kind == "to"]
+    assert moves == [(i, device) for i in range(blocks) for device in ("cpu", "cpu")]
+    resident = None
+    for kind, i, _ in events[blocks:]:
+        if kind == "to":
+            resident = i if resident is None else None
+        else:
+            assert resident == i, f"block {i} ran while block {resident} was on the compute device"
+    assert resident is None
+    for key, weight in reference.weights.items():
+        assert torch.equal(result.weights[key].codes, weight.codes), key
+
+
+def test_a_quantized_linear_takes_its_codes_along_between_devices(tiny_dirs):
+    block = load_denoiser(tiny_dirs["llada"]).blocks[0]
+    cfg = preset("rtn", abits=4)
+    weight = pipeline.rtn_weight(block.q_proj.weight, cfg)
+    layer = pipeline.install(block, "q_proj", weight, cfg.act_spec(), torch.float32)
+    layer.to("meta")
+    assert layer.weight_codes.is_meta and layer.quantized.codes.is_meta and layer.quantized.scale.is_meta

@@ -9,7 +9,9 @@ import torch
 from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.config import preset
 from faircalib.calib.evaluate import fake_quant_student
+from faircalib.calib.pipeline import calibrate
 from faircalib.calib.runner import run_calibration
+from faircalib.calib.states import text_states
 from faircalib.cli import main
 from faircalib.models import load_denoiser
 from faircalib.sampling import LLaDASampling
@@ -58,6 +60,33 @@ def test_calibration_on_cuda_matches_the_cpu_one(tmp_path, tiny_dirs, cfg):
         assert ratio < 0.2, ratio
     if cfg.method == "rtn":
         assert all(torch.equal(loaded.weights[k].codes, w.codes) for k, w in on_cpu.weights.items())
+
+
+def test_stage_two_holds_one_block_on_the_gpu(tiny_dirs):
+    """The blocks wait on the CPU: whenever a block runs, it is the only one on the GPU, and once it is done the
+    weights the artifact will hold of it are on the CPU too."""
+    model = load_denoiser(tiny_dirs["llada"], device="cuda")
+    calib = text_states(torch.randint(3, 90, (6, 9), generator=torch.Generator().manual_seed(0)))
+
+    def on_gpu() -> list[int]:
+        tensors = lambda block: [*block.parameters(), *block.buffers()]  # noqa: E731
+        return [i for i, block in enumerate(model.blocks) if any(t.is_cuda for t in tensors(block))]
+
+    run_block, resident = model.run_block, []
+
+    def spy(block, x, ctx):
+        resident.append(on_gpu())
+        assert resident[-1] == [next(i for i, b in enumerate(model.blocks) if b is block)]
+        return run_block(block, x, ctx)
+
+    def finished(index, result, report):
+        assert on_gpu() == []
+        assert not any(w.codes.is_cuda for key, w in result.weights.items() if key.startswith(f"blocks.{index}."))
+
+    model.run_block = spy
+    calibrate(model, calib, small("gptq-recon", abits=4, rotation_steps=0), offload="cpu", on_block=finished)
+    assert sorted({tuple(r) for r in resident}) == [(i,) for i in range(len(model.blocks))]
+    assert model.device.type == "cuda"  # the embedding stays
 
 
 def test_cli_calibrate_and_parity_on_cuda(tmp_path, capsys):

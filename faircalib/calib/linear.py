@@ -25,6 +25,10 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scale, self.zero)
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        zero = None if self.zero is None else self.zero.to(device)
+        return QuantizedWeight(self.codes.to(device), self.scale.to(device), zero, self.spec)
+
     def centred_codes(self) -> torch.Tensor:
         """codes - zero as float32 [N, K]: integers, so that W = centred codes * scale per group."""
         codes = self.codes.float()
@@ -74,6 +78,14 @@ class QuantLinear(nn.Module):
     @property
     def device(self) -> torch.device:
         return (self.weight if self.weight is not None else self.weight_codes).device
+
+    def _apply(self, fn, recurse=True):
+        # ``quantized`` is not a buffer (the artifact reads it as it was solved, in no dtype a module cast could
+        # change), but it must follow the layer between devices: a block sent back to the CPU while the next
+        # one is calibrated would otherwise leave its codes on the GPU.
+        super()._apply(fn, recurse)
+        self.quantized = self.quantized.to(self.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.act.enabled:

@@ -4,7 +4,9 @@ For each block in order: accumulate one token-weighted Hessian per linear group 
 inputs on the quantized path, quantize every linear (RTN or GPTQ), optionally run the weighted
 reconstruction against the full-precision block outputs, then push the calibration states through the
 quantized block to feed the next one. One block is worked on at a time; hidden states of the
-calibration set stay on the model's device.
+calibration set stay on the model's device. With ``offload`` (the CPU), every other block waits there
+while one is on the compute device, so the GPU holds a single block's weights, codes and Hessians instead
+of the whole model's beside them.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ def calibrate(
     on_block: Callable[[int, CalibrationResult, BlockReport], None] | None = None,
     on_rotation_step: Callable[[], None] | None = None,
     on_rotation: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    offload: torch.device | str | None = None,
 ) -> CalibrationResult:
     """Quantize ``model``'s blocks in place (their linears become QuantLinear) and return the weights.
 
@@ -159,6 +162,10 @@ def calibrate(
     report)`` is called after each block, ``on_rotation(learned)`` once the rotation (and block transforms)
     are learned, by key (for checkpointing), ``on_rotation_step()`` after each step of learning them (for
     progress).
+
+    ``offload``: where every block but the one being calibrated waits (the CPU), from after the rotation
+    (learned on the whole model) to the end; the blocks stay there afterwards. None keeps them all on the
+    model's device. Embedding and head stay on the model's device either way.
     """
     if cfg.head_bits != 16:
         raise ConfigError("quantizing the LM head is not implemented yet: keep head_bits 16")
@@ -186,6 +193,11 @@ def calibrate(
                 on_rotation(learned)
         fold_learned(model, learned)
         result.fp_params.update(learned)
+    if offload is not None:
+        for block in model.blocks:
+            block.to(offload)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     with torch.no_grad():
         hidden_q = [model.embed(t) for t in tokens]
@@ -194,6 +206,8 @@ def calibrate(
     for index, block in enumerate(model.blocks):
         start = time.perf_counter()
         report = BlockReport(index, 0.0)
+        if offload is not None:
+            block.to(device)
         with torch.no_grad():
             targets = [run_block_sliced(model, block, h, c) for h, c in zip(hidden_fp, contexts, strict=True)]
         keys = {name: layer_key(index, name) for name in names}
@@ -216,6 +230,8 @@ def calibrate(
             )
             report.output_mse = mse / sum(float(w.sum()) for w in weights)
         hidden_fp = targets
+        if offload is not None:
+            block.to(offload)
         result.weights.update({keys[n]: block.get_submodule(n).quantized for n in names})
         for name in names:
             layer_spec = block.get_submodule(name).act

@@ -38,21 +38,28 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocations on a GPU, else the resident-set high-water mark.
+def host_peak_mb() -> float:
+    """This process's resident-set high-water mark, in MiB.
 
     On Linux that is VmHWM of /proc/self/status, not getrusage's ru_maxrss: the kernel carries the
     pre-exec image's peak into ru_maxrss, so a process started from a large parent (the benchmark, holding
     its evaluation references) would report the parent's size.
     """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
+
+
+def take_gpu_peak(device: torch.device, peaks: dict[str, float], stage: str) -> None:
+    """Record the GPU's peak allocation since the last stage under ``stage`` and start counting afresh: Stage I
+    and the rotation hold the whole model on the GPU, the blocks one at a time, so one overall peak would
+    hide what each stage needs."""
+    if device.type == "cuda":
+        peaks[stage] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def save_calibration_set(calib: CalibrationSet, path: Path) -> None:
@@ -96,7 +103,9 @@ def run_calibration(
     model: Denoiser | None = None,
 ) -> QuantArtifact:
     """``model``: the checkpoint at ``model_dir`` already loaded (it is quantized in place); loaded here
-    otherwise."""
+    otherwise. Off the CPU, Stage I and the rotation run the whole model on its device; then its blocks move
+    to the CPU and come back one at a time to be calibrated (``calibrate``'s ``offload``), and they stay on the
+    CPU afterwards."""
     model_dir, out = Path(model_dir), Path(out)
     if cfg.states == "text" and text_windows is None:
         raise ConfigError(f"method {cfg.method} calibrates on plain text: no text windows were given")
@@ -106,6 +115,7 @@ def run_calibration(
     if model is None:
         model = load_denoiser(model_dir, dtype, device)
     check_shapes(model, cfg)
+    compute = model.device  # the embedding's, where calibration computes: blocks may wait on the CPU
     identity = {
         "fingerprint": fingerprint,
         "config": cfg.to_json_dict(),
@@ -116,6 +126,7 @@ def run_calibration(
     partial = out.with_name(out.name + ".partial")
     progress_path = partial / "progress.json"
     timings: dict[str, float] = {}
+    gpu_peaks: dict[str, float] = {}  # MiB by stage, this process only (a resumed run has no Stage I)
     done, done_clips, done_ranges, done_fp, reports = {}, {}, {}, {}, []
 
     if partial.exists():
@@ -149,6 +160,7 @@ def run_calibration(
                 runs = probe_teacher(model, prompts, sampling, on_batch=bar.update)
             calib = teacher_states(runs, cfg, sampling, model.spec.mask_token_id)
         timings["stage1_seconds"] = time.perf_counter() - start
+        take_gpu_peak(compute, gpu_peaks, "stage1")
         save_calibration_set(calib, partial / "states.safetensors")
         write_json_atomic(progress_path, {"identity": identity, "timings": timings, "blocks": []})
 
@@ -158,6 +170,7 @@ def run_calibration(
     def rotation_done(learned: dict[str, torch.Tensor]) -> None:
         rotation_bar.close()
         timings["rotation_seconds"] = time.perf_counter() - start
+        take_gpu_peak(compute, gpu_peaks, "rotation")
         staging = partial / "rotation.safetensors.tmp"  # a kill mid-write must not leave a torn rotation
         save_file({key: value.cpu().contiguous() for key, value in learned.items()}, str(staging))
         os.replace(staging, partial / "rotation.safetensors")
@@ -186,11 +199,13 @@ def run_calibration(
         result = calibrate(
             model, calib, cfg, done=done, done_clips=done_clips, done_ranges=done_ranges, done_fp=done_fp,
             on_block=checkpoint, on_rotation_step=rotation_bar.update, on_rotation=rotation_done,
+            offload="cpu" if compute.type != "cpu" else None,
         )  # fmt: skip
     finally:
         rotation_bar.close()
         bar.close()
     timings["stage2_seconds"] = stage2_before + time.perf_counter() - start
+    take_gpu_peak(compute, gpu_peaks, "blocks")
     artifact = QuantArtifact(
         config=cfg,
         weights=result.weights,
@@ -204,7 +219,9 @@ def run_calibration(
             "sampling": sampling.to_json_dict(),
             "calibration_data": {**calib.description, **(data_description or {})},
             "timings": timings,
-            "peak_memory_mb": peak_memory_mb(model.device),
+            # the GPU's on a GPU (where host memory is not what runs out), else the host's
+            "peak_memory_mb": max(gpu_peaks.values()) if gpu_peaks else host_peak_mb(),
+            "gpu_peak_mb_by_stage": gpu_peaks,
             "blocks": reports,
         },
     )
