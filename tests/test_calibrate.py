@@ -341,14 +341,16 @@ def test_offloaded_blocks_reach_the_compute_device_one_at_a_time(tiny_dirs):
         spy_moves(block)
     run_block = model.run_block
     model.run_block = lambda block, x, ctx: events.append(("run", index[id(block)], None)) or run_block(block, x, ctx)
-    result = pipeline.calibrate(model, calib, cfg, offload="cpu")
+    streaming = lambda: events.append(("streaming", None, None))  # noqa: E731
+    result = pipeline.calibrate(model, calib, cfg, offload="cpu", on_streaming=streaming)
 
     blocks = len(model.blocks)
     assert events[:blocks] == [("to", i, "cpu") for i in range(blocks)]  # all wait before the first block runs
-    moves = [(i, device) for kind, i, device in events[blocks:] if kind == "to"]
+    assert events[blocks] == ("streaming", None, None)
+    moves = [(i, device) for kind, i, device in events[blocks + 1 :] if kind == "to"]
     assert moves == [(i, device) for i in range(blocks) for device in ("cpu", "cpu")]
     resident = None
-    for kind, i, _ in events[blocks:]:
+    for kind, i, _ in events[blocks + 1 :]:
         if kind == "to":
             resident = i if resident is None else None
         else:

@@ -47,7 +47,9 @@ def test_calibration_on_cuda_matches_the_cpu_one(tmp_path, tiny_dirs, cfg):
     model_dir = tiny_dirs["llada"]
     on_cpu = run_calibration(model_dir, cfg, SAMPLING, PROMPTS, tmp_path / "cpu", quiet=True)
     on_gpu = run_calibration(model_dir, cfg, SAMPLING, PROMPTS, tmp_path / "gpu", device="cuda", quiet=True)
-    assert on_gpu.manifest["peak_memory_mb"] > 0
+    peaks = on_gpu.manifest["gpu_peak_mb_by_stage"]
+    assert set(peaks) == {"stage1", "whole_model", "blocks"}
+    assert on_gpu.manifest["peak_memory_mb"] == max(peaks.values())
     loaded = QuantArtifact.load(tmp_path / "gpu")  # what a user reloads, on the CPU
     teacher = load_denoiser(model_dir)
     reference = teacher(IDS)

@@ -153,6 +153,7 @@ def calibrate(
     on_rotation_step: Callable[[], None] | None = None,
     on_rotation: Callable[[dict[str, torch.Tensor]], None] | None = None,
     offload: torch.device | str | None = None,
+    on_streaming: Callable[[], None] | None = None,
 ) -> CalibrationResult:
     """Quantize ``model``'s blocks in place (their linears become QuantLinear) and return the weights.
 
@@ -165,7 +166,9 @@ def calibrate(
 
     ``offload``: where every block but the one being calibrated waits (the CPU), from after the rotation
     (learned on the whole model) to the end; the blocks stay there afterwards. None keeps them all on the
-    model's device. Embedding and head stay on the model's device either way.
+    model's device. Embedding and head stay on the model's device either way. ``on_streaming()`` is called
+    once everything that needs the whole model is done and the blocks wait where they wait (to measure the
+    stages apart).
     """
     if cfg.head_bits != 16:
         raise ConfigError("quantizing the LM head is not implemented yet: keep head_bits 16")
@@ -198,6 +201,8 @@ def calibrate(
             block.to(offload)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if on_streaming is not None:
+        on_streaming()
 
     with torch.no_grad():
         hidden_q = [model.embed(t) for t in tokens]

@@ -55,8 +55,8 @@ def host_peak_mb() -> float:
 
 def take_gpu_peak(device: torch.device, peaks: dict[str, float], stage: str) -> None:
     """Record the GPU's peak allocation since the last stage under ``stage`` and start counting afresh: Stage I
-    and the rotation hold the whole model on the GPU, the blocks one at a time, so one overall peak would
-    hide what each stage needs."""
+    and the start of Stage II (the rotation) hold the whole model on the GPU, the blocks one at a time, so one
+    overall peak would hide what each needs."""
     if device.type == "cuda":
         peaks[stage] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         torch.cuda.reset_peak_memory_stats(device)
@@ -170,7 +170,6 @@ def run_calibration(
     def rotation_done(learned: dict[str, torch.Tensor]) -> None:
         rotation_bar.close()
         timings["rotation_seconds"] = time.perf_counter() - start
-        take_gpu_peak(compute, gpu_peaks, "rotation")
         staging = partial / "rotation.safetensors.tmp"  # a kill mid-write must not leave a torn rotation
         save_file({key: value.cpu().contiguous() for key, value in learned.items()}, str(staging))
         os.replace(staging, partial / "rotation.safetensors")
@@ -200,6 +199,7 @@ def run_calibration(
             model, calib, cfg, done=done, done_clips=done_clips, done_ranges=done_ranges, done_fp=done_fp,
             on_block=checkpoint, on_rotation_step=rotation_bar.update, on_rotation=rotation_done,
             offload="cpu" if compute.type != "cpu" else None,
+            on_streaming=lambda: take_gpu_peak(compute, gpu_peaks, "whole_model"),
         )  # fmt: skip
     finally:
         rotation_bar.close()
