@@ -158,9 +158,9 @@ def preset(method: str, **overrides: Any) -> QuantConfig:
     which brings FAIR-Calib to about 1.4x its twin's time. They need the steps: at 200 they lowered
     FAIR-Calib's decision margin error on ten seeds of ten and its write error on eight (flips 2.48 against
     2.59 %, lower on seven); at the twin's 100 they left the twin's metrics alone. Given 200 steps too, the
-    twin gains as much and more (four seeds: level on flips, ahead on write error, margins and commit
-    order), so FAIR-Calib's lead over its default twin is compute, not the prior (docs/RESULTS.md, "Learned
-    block transforms")."""
+    twin gains as much and more (ten seeds: level on flips, write error and margins, ahead on commit order),
+    so FAIR-Calib's lead over its default twin is compute, not the prior (docs/RESULTS.md, "Learned block
+    transforms")."""
     if method not in _PRESETS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     values = dict(_PRESETS[method], method=method)
