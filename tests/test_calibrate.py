@@ -230,6 +230,11 @@ def test_fair_sharpens_its_token_weights_only_at_4_bit_activations():
     assert preset("fair", abits=4, beta=4.0, w_max=8.0).w_max == 8.0  # --beta / --w-max win
 
 
+def test_fair_learns_its_rotation_on_uniform_weights_at_4_bit_activations():
+    assert preset("fair", abits=4).rotation_weights == "uniform" and preset("fair", abits=8).rotation_weights == "token"
+    assert preset("fair", abits=4, rotation_weights="token").rotation_weights == "token"  # the flag wins
+
+
 def test_fair_reconstructs_only_at_4_bit_or_static_activations():
     assert preset("fair", abits=4).reconstruct and preset("fair", wbits=8, abits=8, a_static=True).reconstruct
     assert not preset("fair").reconstruct and not preset("fair", abits=16).reconstruct
@@ -257,6 +262,19 @@ def test_block_transforms_are_learned_with_the_rotation(tiny_dirs):
     cfg = small("fair", abits=4, rotation_steps=4, block_transforms=True)
     with pytest.raises(ConfigError, match="come with a learned rotation"):
         apply_quantization(load_denoiser(tiny_dirs["llada"]), {}, cfg, {}, {BLOCK_TRANSFORM_KEYS[0]: torch.eye(2)})
+
+
+def test_a_rotation_on_uniform_weights_is_the_uniform_twins(tmp_path, tiny_dirs):
+    """``rotation_weights="uniform"`` keeps the prior's weights out of the rotation only: FAIR-Calib then learns
+    the very rotation and block transforms its uniform twin learns, where on its token weights it does not."""
+    learned = {}
+    for name, method, rotation_weights in (("twin", "gptq-recon", "token"), ("fair", "fair", "token"),
+                                           ("fair-uniform", "fair", "uniform")):  # fmt: skip
+        cfg = small(method, abits=4, rotation_steps=4, rotation_weights=rotation_weights)
+        art = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / name, quiet=True)
+        learned[name] = {k: art.fp_params[k] for k in (ROTATION_KEY, *BLOCK_TRANSFORM_KEYS)}
+    assert all(torch.equal(learned["fair-uniform"][k], v) for k, v in learned["twin"].items())
+    assert not torch.equal(learned["fair"][ROTATION_KEY], learned["twin"][ROTATION_KEY])
 
 
 def test_a_learned_rotation_in_an_unrotated_config_is_refused(tiny_dirs):

@@ -185,8 +185,10 @@ def calibrate(
         rotate_model(model, cfg.seed)
         learned = {k: v for k, v in done_fp.items() if k in LEARNED_KEYS}
         if not learned and cfg.rotation_steps > 0:
+            uniform = cfg.rotation_weights == "uniform"
+            rotation_weights = [torch.ones_like(w) for w in weights] if uniform else weights
             learned = learn_rotation(
-                model, tokens, weights, decision_masks(tokens, model.spec), act, steps=cfg.rotation_steps,
+                model, tokens, rotation_weights, decision_masks(tokens, model.spec), act, steps=cfg.rotation_steps,
                 lr=cfg.rotation_lr, batch=cfg.rotation_batch, seed=cfg.seed, block_transforms=cfg.block_transforms,
                 on_step=on_rotation_step,
             )  # fmt: skip
