@@ -167,8 +167,9 @@ def preset(method: str, **overrides: Any) -> QuantConfig:
     so FAIR-Calib's lead over its default twin was compute, not the prior (docs/RESULTS.md, "Learned block
     transforms"), until the prior's weights left the rotation: FAIR-Calib learns its rotation and transforms
     on uniform weights and keeps the prior's for GPTQ and the reconstruction, and is then ahead of that twin
-    given the same steps, and of its own previous default, on write error, margins and commit order
-    (docs/RESULTS.md, "The rotation on uniform weights")."""
+    given the same steps on flips, write error and margins (level on commit order), and of its own previous
+    default on write error, margins and commit order (six seeds; docs/RESULTS.md, "The rotation on uniform
+    weights")."""
     if method not in _PRESETS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     values = dict(_PRESETS[method], method=method)
