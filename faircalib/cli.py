@@ -259,8 +259,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
         teacher, prompts, sampling, teacher.spec, batch_size=args.batch_size, device=teacher.device
     )
     report = parity_report(
-        teacher, student, prompts, sampling, nll_windows=nll_windows, quiet=args.quiet, references=references
-    )
+        teacher, student, prompts, sampling, nll_windows=nll_windows, quiet=args.quiet, references=references,
+        post_commit_probes=args.post_commit_probes,
+    )  # fmt: skip
     report["backend"] = args.backend
     if artifact is not None:
         report.update(method=artifact.config.method, format=artifact.config.format, artifact=str(args.artifact))
@@ -270,11 +271,11 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        for name in (*PARITY_METRICS, "masked_nll_fp", "masked_nll_q"):
+        for name in (*PARITY_METRICS, "post_commit_mismatch_teacher", "masked_nll_fp", "masked_nll_q"):
             value = report.get(name)
-            print(f"{name:26s} {value:.4f}" if isinstance(value, float) else f"{name:26s} {value}")
+            print(f"{name:28s} {value:.4f}" if isinstance(value, float) else f"{name:28s} {value}")
         if "vs_fake_quant" in report:
-            print(f"{'agreement_vs_fake_quant':26s} {report['vs_fake_quant']['decision_agreement']:.4f}")
+            print(f"{'agreement_vs_fake_quant':28s} {report['vs_fake_quant']['decision_agreement']:.4f}")
     return 0
 
 
@@ -417,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts when given",
     )
     par.add_argument("--batch-size", type=int, default=16)
+    par.add_argument(
+        "--post-commit-probes",
+        type=int,
+        default=4,
+        help="committed positions masked again per row and step to estimate post_commit_mismatch: more costs a "
+        "forward each and lowers its noise (default 4)",
+    )
     par.add_argument("--json", action="store_true")
     par.add_argument("--quiet", action="store_true")
     _add_sampling_args(par)

@@ -32,7 +32,10 @@ def test_summary_means_and_spread_over_seeds():
 
 def test_markdown_and_svg_render():
     table = markdown_table(summarise(rows()), BenchConfig())
-    assert "| W4A16 | fair | 0.1100 +- 0.0100 |" in table and "failed" in table
+    assert "| W4A16 | fair | 0.1100 +- 0.0100 |" in table and "failed" in table and "teacher's own" not in table
+    assert "teacher's own post_commit_mismatch on these prompts is 0.1127" in markdown_table(
+        summarise(rows()), BenchConfig(), teacher_post_commit=0.11268
+    )
     svg = flip_curve_svg(rows(), "W4A16")
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 and ">fair<" in svg
 
@@ -51,3 +54,5 @@ def test_bad_bench_configs_are_config_errors():
         BenchConfig(methods=("gptq", "awq"))
     with pytest.raises(ConfigError, match="eval_windows_per_article"):
         BenchConfig(eval_windows_per_article=0)
+    with pytest.raises(ConfigError, match="post_commit_probes"):
+        BenchConfig(post_commit_probes=0)

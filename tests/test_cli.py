@@ -116,6 +116,7 @@ def test_parity_json_reports_every_metric(capsys, tiny_dirs, bert_artifact, bert
     for name in ("frontier_flip_rate", "commit_set_disagreement", "frontier_write_error", "post_commit_mismatch",
                  "teacher_divergence", "exact_match"):  # fmt: skip
         assert 0.0 <= report[name] <= 1.0
+    assert 0.0 <= report["post_commit_mismatch_teacher"] <= 1.0
     assert report["decision_margin_error"] >= 0.0  # nats, unbounded
     assert report["sampling"]["gen_length"] == 6  # the artifact's deployment schedule by default
     assert len(report["curves"]["frontier_flip_rate"]) == 6

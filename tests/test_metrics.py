@@ -8,7 +8,15 @@ import torch
 from faircalib.errors import ConfigError
 from faircalib.models.base import DenoiserSpec
 from faircalib.sampling import LLaDASampling, generate, plan
-from faircalib.sampling.metrics import ParityTally, masked_nll, post_commit_counts, teacher_forced_counts
+from faircalib.sampling.metrics import (
+    ParityTally,
+    evaluate_parity,
+    masked_nll,
+    post_commit_counts,
+    teacher_forced_counts,
+    teacher_post_commit_mismatch,
+    teacher_runs,
+)
 from faircalib.sampling.trajectory import GenerationResult, StepRecord, Trajectory
 
 VOCAB, MASK = 8, 7
@@ -138,29 +146,76 @@ def test_post_commit_mismatch_asks_with_the_position_masked_again():
     assert set(int(p) for p in probed) == {0, 2}  # position 1 changed its mind, position 2 did not
 
 
-def test_post_commit_estimate_is_unbiased_over_pairs():
-    """On a rollout of a real (tiny) model, the one-probe-per-step estimate matches leave-one-out on
-    every pair, averaged over seeds."""
-    from faircalib.models.tiny import tiny_denoiser
-
-    model = tiny_denoiser("llada", seed=3)
-    sampling = LLaDASampling(gen_length=8, block_length=8, steps=8)
-    rollout = generate(model, torch.tensor([[3, 4, 5], [6, 7, 8]]), sampling, model.spec, record=True)
-    exact_pairs = exact_changed = 0
+def _leave_one_out(model, rollout, prompt_length, gen_length):
+    """(pairs, changed): every committed generated position of every step, masked again, one at a time."""
+    pairs = changed = 0
     for record in rollout.trajectory.steps:
-        for row in range(2):
-            for p in range(3, 11):
+        for row in range(record.tokens.shape[0]):
+            for p in range(prompt_length, prompt_length + gen_length):
                 if record.tokens[row, p] != model.spec.mask_token_id:
                     probe = record.tokens[row : row + 1].clone()
                     probe[0, p] = model.spec.mask_token_id
-                    exact_pairs += 1
-                    exact_changed += int(model(probe)[0, p].argmax() != record.tokens[row, p])
+                    pairs += 1
+                    changed += int(model(probe)[0, p].argmax() != record.tokens[row, p])
+    return pairs, changed
+
+
+def test_post_commit_estimate_is_unbiased_over_pairs():
+    """On a rollout of a real (tiny) model, the one-probe-per-step estimate matches leave-one-out on
+    every pair, averaged over seeds; with as many probes as generated positions it is leave-one-out."""
+    from faircalib.models.tiny import tiny_denoiser
+
+    model = tiny_denoiser("llada", seed=0)
+    sampling = LLaDASampling(gen_length=8, block_length=8, steps=8)
+    rollout = generate(model, torch.tensor([[3, 4, 5], [6, 7, 8], [9, 10, 11]]), sampling, model.spec, record=True)
+    exact_pairs, exact_changed = _leave_one_out(model, rollout, 3, 8)
+    assert exact_changed > 0  # else the comparisons below hold trivially
     estimates = []
     for seed in range(60):
         c = post_commit_counts(model, rollout, sampling, model.spec, seed=seed)
         assert int(c["settled_pairs"].sum()) == exact_pairs
         estimates.append(float(c["post_commit_mismatches"].sum()) / exact_pairs)
     assert abs(sum(estimates) / len(estimates) - exact_changed / exact_pairs) < 0.05
+    for seed in range(3):
+        every = post_commit_counts(model, rollout, sampling, model.spec, seed=seed, probes=8)
+        assert float(every["post_commit_mismatches"].sum()) == pytest.approx(exact_changed)
+    with pytest.raises(ConfigError, match="probes"):
+        post_commit_counts(model, rollout, sampling, model.spec, probes=0)
+
+
+def test_more_post_commit_probes_stay_unbiased():
+    """Three probes of a row's positions, weighted by positions over probes: the mean over seeds is still
+    leave-one-out's rate, with less spread than one probe."""
+    from faircalib.models.tiny import tiny_denoiser
+
+    model = tiny_denoiser("llada", seed=0)
+    sampling = LLaDASampling(gen_length=8, block_length=8, steps=8)
+    rollout = generate(model, torch.tensor([[3, 4, 5], [6, 7, 8], [9, 10, 11]]), sampling, model.spec, record=True)
+    pairs, changed = _leave_one_out(model, rollout, 3, 8)
+    spread = {}
+    for probes in (1, 3):
+        rates = torch.tensor([
+            float(post_commit_counts(model, rollout, sampling, model.spec, seed=s, probes=probes)
+                  ["post_commit_mismatches"].sum()) / pairs
+            for s in range(60)
+        ])  # fmt: skip
+        assert abs(float(rates.mean()) - changed / pairs) < 0.05
+        spread[probes] = float(rates.std())
+    assert spread[3] < spread[1]
+
+
+def test_the_teacher_against_itself_scores_its_own_post_commit_level():
+    """The level reported beside a student's post_commit_mismatch is what the teacher scores as its own
+    student: same rollouts, same probes."""
+    from faircalib.models.tiny import tiny_denoiser
+
+    teacher = tiny_denoiser("llada", seed=0)
+    sampling = LLaDASampling(gen_length=8, block_length=4, steps=8)
+    references = teacher_runs(teacher, [[3, 4, 5], [6, 7, 8], [9, 10]], sampling, teacher.spec)
+    own = teacher_post_commit_mismatch(teacher, references, sampling, teacher.spec, probes=2)
+    summary = evaluate_parity(teacher, references, sampling, teacher.spec, post_commit_probes=2).summary()
+    assert summary["frontier_flip_rate"] == 0 and summary["post_commit_mismatch"] == own
+    assert 0 < own < 1
 
 
 def test_counts_pool_over_batches():

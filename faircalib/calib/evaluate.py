@@ -13,7 +13,7 @@ from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.pipeline import apply_quantization
 from faircalib.models.base import Denoiser
 from faircalib.sampling import Denoise, Sampling
-from faircalib.sampling.metrics import evaluate_parity, masked_nll, teacher_runs
+from faircalib.sampling.metrics import evaluate_parity, masked_nll, teacher_post_commit_mismatch, teacher_runs
 
 
 def fake_quant_student(teacher: Denoiser, artifact: QuantArtifact) -> Denoiser:
@@ -36,20 +36,31 @@ def parity_report(
     quiet: bool = True,
     references: list | None = None,
     nll_fp: float | None = None,
+    post_commit_probes: int = 4,
+    teacher_post_commit: float | None = None,
 ) -> dict:
     """Every metric of DESIGN.md section 5 for ``student`` (any denoise callable: a fake-quant model, an
     ONNX Runtime or TensorRT backend) against ``teacher`` on ``prompts``.
 
-    ``references`` (from ``teacher_runs``) and ``nll_fp`` skip recomputing the teacher's side when many
-    students are compared with one teacher.
+    ``references`` (from ``teacher_runs``), ``nll_fp`` and ``teacher_post_commit`` skip recomputing the
+    teacher's side when many students are compared with one teacher. ``post_commit_mismatch_teacher`` is
+    the teacher's own level of that metric, the one a faithful student lands at. ``post_commit_probes``
+    trades time for noise in both (see ``post_commit_counts``).
     """
     if references is None:
         references = teacher_runs(
             teacher, [list(p) for p in prompts], sampling, teacher.spec, batch_size=batch_size, device=teacher.device
         )
     with tqdm(total=len(prompts), desc="parity", unit="prompt", disable=quiet) as bar:
-        tally = evaluate_parity(student, references, sampling, teacher.spec, on_batch=bar.update)
+        tally = evaluate_parity(
+            student, references, sampling, teacher.spec, on_batch=bar.update, post_commit_probes=post_commit_probes
+        )
     report = tally.summary()
+    if teacher_post_commit is None:
+        teacher_post_commit = teacher_post_commit_mismatch(
+            teacher, references, sampling, teacher.spec, probes=post_commit_probes
+        )
+    report["post_commit_mismatch_teacher"] = teacher_post_commit
     if nll_windows is not None:
         windows = nll_windows.to(teacher.device)
         report["masked_nll_fp"] = nll_fp if nll_fp is not None else masked_nll(teacher, windows, teacher.spec)
