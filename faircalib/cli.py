@@ -422,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--post-commit-probes",
         type=int,
         default=4,
-        help="committed positions masked again per row and step to estimate post_commit_mismatch: more costs a "
-        "forward each and lowers its noise (default 4)",
+        help="committed positions masked again per row and step to estimate the post-commit metrics: more costs "
+        "forwards and lowers their noise (default 4)",
     )
     par.add_argument("--json", action="store_true")
     par.add_argument("--quiet", action="store_true")

@@ -41,7 +41,9 @@ def test_fair_calib_and_parity_on_antiberty(antiberty, tmp_path, capsys):
             str(ANTIBODIES), "--n-prompts", "6", "--recon-steps", "20", "--out", str(tmp_path / "art")]  # fmt: skip
     assert main(argv) == 0
     capsys.readouterr()
-    assert main(["parity", *common, "--artifact", str(tmp_path / "art"), "--prompts", str(held_out), "--json"]) == 0
+    # one post-commit probe: this test reads the teacher-forced decisions, not the post-commit estimates
+    parity = ["parity", *common, "--artifact", str(tmp_path / "art"), "--prompts", str(held_out), "--json"]
+    assert main([*parity, "--post-commit-probes", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prompts"] == 6 and report["teacher_commits"] == 6 * 16
     # int4 weights move the commit order (the prototype's finding) far more than the tokens written

@@ -114,7 +114,7 @@ def test_parity_json_reports_every_metric(capsys, tiny_dirs, bert_artifact, bert
     assert code == 0
     report = json.loads(out)
     for name in ("frontier_flip_rate", "commit_set_disagreement", "frontier_write_error", "post_commit_mismatch",
-                 "teacher_divergence", "exact_match"):  # fmt: skip
+                 "post_commit_mismatch_forced", "teacher_divergence", "exact_match"):  # fmt: skip
         assert 0.0 <= report[name] <= 1.0
     assert 0.0 <= report["post_commit_mismatch_teacher"] <= 1.0
     assert report["decision_margin_error"] >= 0.0  # nats, unbounded

@@ -40,11 +40,11 @@ def fixed_denoiser(tokens_at, strength_at):
 TEACHER = fixed_denoiser([0, 1, 2, 3, 4], [0.0, 1.0, 2.0, 3.0, 4.0])  # commits positions 4, 3, 2, 1 in turn
 
 
-def run(student, sampling=SAMPLING):
+def run(student, sampling=SAMPLING, probes=1):
     teacher = generate(TEACHER, PROMPT, sampling, SPEC, record=True)
     rollout = generate(student, PROMPT, sampling, SPEC, record=True)
     tally = ParityTally()
-    tally.add(student, teacher, rollout, sampling, SPEC, plan(sampling, 1))
+    tally.add(student, teacher, rollout, sampling, SPEC, plan(sampling, 1), post_commit_probes=probes)
     return tally.summary()
 
 
@@ -215,7 +215,20 @@ def test_the_teacher_against_itself_scores_its_own_post_commit_level():
     own = teacher_post_commit_mismatch(teacher, references, sampling, teacher.spec, probes=2)
     summary = evaluate_parity(teacher, references, sampling, teacher.spec, post_commit_probes=2).summary()
     assert summary["frontier_flip_rate"] == 0 and summary["post_commit_mismatch"] == own
+    assert summary["post_commit_mismatch_forced"] == own
     assert 0 < own < 1
+
+
+def test_forced_post_commit_mismatch_asks_about_the_teachers_commits():
+    """A student that writes 5 where the teacher wrote 4 first, and never changes its mind, is perfectly
+    steady in its own rollout, as steady as the teacher: only the teacher-forced form sees it disagree
+    with what the teacher committed, at every later step (1 of 1, 2 and 3 committed positions)."""
+    student = fixed_denoiser([0, 1, 2, 3, 5], [0.0, 1.0, 2.0, 3.0, 4.0])
+    summary = run(student, probes=4)  # probes >= committed positions: every pair is asked
+    assert summary["post_commit_mismatch"] == 0
+    assert summary["post_commit_mismatch_forced"] == pytest.approx(3 / 6)
+    assert summary["curves"]["post_commit_mismatch_forced"] == [None, 1.0, 0.5, pytest.approx(1 / 3)]
+    assert run(TEACHER, probes=4)["post_commit_mismatch_forced"] == 0
 
 
 def test_counts_pool_over_batches():

@@ -176,7 +176,8 @@ def markdown_table(summary: list[dict], cfg: BenchConfig, teacher_post_commit: f
     if teacher_post_commit is not None:
         lines.append(
             f"The full-precision teacher's own post_commit_mismatch on these prompts is {teacher_post_commit:.4f} "
-            f"({cfg.post_commit_probes} probes per row and step): a faithful student lands there, not below."
+            f"({cfg.post_commit_probes} probes per row and step): a student that decides exactly like the teacher "
+            "scores this in both post-commit columns (the forced one asks every student the teacher's questions)."
         )
     lines += [
         "",

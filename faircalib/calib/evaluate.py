@@ -44,8 +44,8 @@ def parity_report(
 
     ``references`` (from ``teacher_runs``), ``nll_fp`` and ``teacher_post_commit`` skip recomputing the
     teacher's side when many students are compared with one teacher. ``post_commit_mismatch_teacher`` is
-    the teacher's own level of that metric, the one a faithful student lands at. ``post_commit_probes``
-    trades time for noise in both (see ``post_commit_counts``).
+    the teacher's own level of both post-commit metrics, the one a faithful student lands at.
+    ``post_commit_probes`` trades time for noise in all three (see ``post_commit_counts``).
     """
     if references is None:
         references = teacher_runs(

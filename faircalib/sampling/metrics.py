@@ -4,6 +4,15 @@ Teacher-forced metrics replay the teacher's trajectory: at every teacher state t
 decision the sampler would make (same schedule step, same block) and is compared with the teacher's.
 Free-running metrics compare the student's own rollout with the teacher's.
 
+Post-commit mismatch asks whether a model still writes what was committed, with that position masked
+again. ``post_commit_mismatch`` asks the student about its own rollout (DESIGN.md's definition), so it
+mixes the text a student wrote with how firmly the student stands by its own choices: RTN at W4A4 on the
+bundled model scores below the teacher there, though the teacher finds RTN's text about as unsteady as
+its own and RTN, asked at the teacher's states, scores above it (docs/RESULTS.md).
+``post_commit_mismatch_forced`` asks the student about the teacher's commits at the teacher's states,
+probed where the teacher's own level is: the same questions for every student, and the teacher scores
+exactly that level.
+
 Counts are kept per step index and summed over prompts, so any number of batches can be pooled
 before rates are taken.
 """
@@ -32,6 +41,7 @@ PARITY_METRICS = (
     "frontier_write_error",
     "decision_margin_error",
     "post_commit_mismatch",
+    "post_commit_mismatch_forced",
     "teacher_divergence",
     "exact_match",
 )
@@ -145,6 +155,7 @@ class ParityTally:
 
     forced: dict[str, torch.Tensor] = field(default_factory=dict)
     free: dict[str, torch.Tensor] = field(default_factory=dict)
+    forced_post_commit: dict[str, torch.Tensor] = field(default_factory=dict)
     generated_tokens: int = 0
     differing_tokens: int = 0
     prompts: int = 0
@@ -170,6 +181,10 @@ class ParityTally:
             raise ConfigError(f"teacher {tuple(teacher.tokens.shape)} and student {tuple(rollout.tokens.shape)} differ")
         self._add(self.forced, teacher_forced_counts(student, teacher, sampling, spec, schedule))
         self._add(self.free, post_commit_counts(student, rollout, sampling, spec, probes=post_commit_probes))
+        # The teacher's states and committed tokens, probed where the teacher's own level is probed: every
+        # student answers the same questions, so what it wrote and its bias towards its own choices drop out.
+        forced = post_commit_counts(student, teacher, sampling, spec, probes=post_commit_probes)
+        self._add(self.forced_post_commit, forced)
         differs = teacher.generated != rollout.generated
         self.generated_tokens += differs.numel()
         self.differing_tokens += int(differs.sum())
@@ -177,13 +192,14 @@ class ParityTally:
         self.exact_prompts += int((~differs.any(dim=1)).sum())
 
     def summary(self) -> dict[str, object]:
-        f, r = self.forced, self.free
+        f, r, s = self.forced, self.free, self.forced_post_commit
         return {
             "frontier_flip_rate": _rate(f["flips"], f["teacher_commits"]),
             "commit_set_disagreement": _rate(f["set_misses"], f["teacher_commits"]),
             "frontier_write_error": _rate(f["write_errors"], f["student_commits"]),
             "decision_margin_error": _rate(f["margin_error"], f["teacher_commits"]),
             "post_commit_mismatch": _rate(r["post_commit_mismatches"], r["settled_pairs"]),
+            "post_commit_mismatch_forced": _rate(s["post_commit_mismatches"], s["settled_pairs"]),
             "teacher_divergence": self.differing_tokens / self.generated_tokens if self.generated_tokens else None,
             "exact_match": self.exact_prompts / self.prompts if self.prompts else None,
             "prompts": self.prompts,
@@ -192,6 +208,7 @@ class ParityTally:
                 "frontier_flip_rate": _curve(f["flips"], f["teacher_commits"]),
                 "commit_set_disagreement": _curve(f["set_misses"], f["teacher_commits"]),
                 "post_commit_mismatch": _curve(r["post_commit_mismatches"], r["settled_pairs"]),
+                "post_commit_mismatch_forced": _curve(s["post_commit_mismatches"], s["settled_pairs"]),
             },
         }
 
@@ -249,8 +266,8 @@ def teacher_post_commit_mismatch(
     probes: int = 1,
 ) -> float:
     """``post_commit_mismatch`` of the teacher in its own recorded runs: where a student that decided
-    exactly like it would land. A student below it is not more faithful, only steadier than the teacher
-    (on the bundled model RTN at W4A4 is, while it flips three times as many decisions as FAIR-Calib).
+    exactly like it would land on both post-commit metrics. A student below it on the free-running one is
+    not more faithful, only steadier about its own choices than the teacher is about its own.
     """
     pairs, mismatches = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64)
     for _, reference in references:
