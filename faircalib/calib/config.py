@@ -168,7 +168,7 @@ def preset(method: str, **overrides: Any) -> QuantConfig:
     transforms"), until the prior's weights left the rotation: FAIR-Calib learns its rotation and transforms
     on uniform weights and keeps the prior's for GPTQ and the reconstruction, and is then ahead of that twin
     given the same steps on flips, write error and margins (level on commit order), and of its own previous
-    default on write error, margins and commit order (six seeds; docs/RESULTS.md, "The rotation on uniform
+    default on write error, margins and commit order (ten seeds; docs/RESULTS.md, "The rotation on uniform
     weights")."""
     if method not in _PRESETS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
