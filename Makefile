@@ -56,7 +56,7 @@ demo: install
 	$(BIN)/faircalib generate --backend ort --onnx $(DEMO)/bundle --prompt "$(PROMPT)" --quiet
 	@echo "== parity of the exported student against the teacher (and the PyTorch fake-quant student)"
 	$(BIN)/faircalib parity --model $(MODEL) --backend ort --onnx $(DEMO)/bundle --artifact $(DEMO)/fair-w4a4 \
-		--n-prompts 32 --quiet
+		--n-prompts 32
 
 # Step by step: ARTIFACT (from faircalib calibrate) -> BUNDLE (ONNX + schedule) -> ENGINE (TensorRT, GPU only).
 ARTIFACT ?= $(DEMO)/fair-w4a4

@@ -1,36 +1,37 @@
-"""QuantArtifact: a directory with ``tensors.safetensors`` (int codes, 4-bit ones packed two a byte,
-scales, zero-points, the position prior) and ``manifest.json`` (format version, config, method, model
-fingerprint, calibration data, timings). Written through a temporary directory and a rename, so an
-interrupted run never leaves half an artifact behind.
+"""QuantArtifact: what a calibration decided, in memory or as a directory.
+
+On disk: ``tensors.safetensors`` (per layer its int codes, 4-bit ones packed two a byte, scales and zero
+points; the learned and calibrated full-precision parameters; the position prior) and ``manifest.json``
+(format version, config, per-layer activation clip and static peak, model fingerprint, calibration data,
+timings). Written through a staging directory and a rename, so a failure never leaves half an artifact.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import struct
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from faircalib import __version__
 from faircalib.calib.config import QuantConfig
-from faircalib.calib.linear import QuantizedWeight
+from faircalib.calib.linear import QuantizedLayer, QuantizedWeight
 from faircalib.calib.quant import pack_int4, unpack_int4
+from faircalib.calib.student import apply_quantization
 from faircalib.errors import CheckpointError, ConfigError
+from faircalib.files import MANIFEST, OWNER_KEY, staged_dir
+from faircalib.models.base import Denoiser
 from faircalib.models.checkpoint import read_json_object, read_safetensors
+from faircalib.sampling import Sampling, sampling_from_json_dict
 
-# 2: a learned residual rotation may travel among the full-precision params; 3: learned block transforms too
-ARTIFACT_FORMAT = 3
-READABLE_FORMATS = (1, 2, 3)
-MANIFEST = "manifest.json"
+ARTIFACT_FORMAT = 4  # 4: one record per layer (activation clip and static peak beside its codes)
 TENSORS = "tensors.safetensors"
-
+FILES = (MANIFEST, TENSORS)
 
 _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
 
@@ -59,12 +60,11 @@ def model_fingerprint(model_dir: str | Path) -> str:
 @dataclass
 class QuantArtifact:
     config: QuantConfig
-    weights: dict[str, QuantizedWeight]
-    act_clips: dict[str, float] = field(default_factory=dict)
-    prior: torch.Tensor | None = None
+    layers: dict[str, QuantizedLayer]  # "blocks.{i}.{name}" -> the layer's record
+    fp_params: dict[str, torch.Tensor] = field(default_factory=dict)  # learned transforms, calibrated norm scales
+    prior: torch.Tensor | None = None  # FAIR-Calib's position prior [gen_length]
     manifest: dict[str, Any] = field(default_factory=dict)
-    fp_params: dict[str, torch.Tensor] = field(default_factory=dict)  # calibrated non-quantized params
-    act_ranges: dict[str, float] = field(default_factory=dict)  # static activation peaks (a_static)
+    path: Path | None = None  # where it was loaded from or saved to
 
     @property
     def fingerprint(self) -> str | None:
@@ -80,28 +80,34 @@ class QuantArtifact:
                 f"not for {model_dir} ({found[:12]})"
             )
 
-    def save(self, path: str | Path) -> Path:
+    def sampling(self) -> Sampling:
+        """The deployment schedule it was calibrated under."""
+        recorded = self.manifest.get("sampling")
+        if recorded is None:
+            raise ConfigError("the artifact records no deployment schedule: pass the decoding settings")
+        return sampling_from_json_dict(recorded)
+
+    def apply(self, model: Denoiser) -> Denoiser:
+        """Turn the full-precision ``model`` into this artifact's fake-quant student, in place; returns it."""
+        return apply_quantization(model, self.config, self.layers, self.fp_params)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the artifact directory (replacing an earlier artifact there, never anything else unless
+        ``overwrite``)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
-            save_file(encode_weights(self.weights, self.prior, self.fp_params), str(staging / TENSORS))
-            manifest = {
-                **self.manifest,
-                "format_version": ARTIFACT_FORMAT,
-                "config": self.config.to_json_dict(),
-                "method": self.config.method,
-                "format": self.config.format,
-                "act_clips": self.act_clips,
-                "act_ranges": self.act_ranges,
-                "layers": {k: list(w.codes.shape) for k, w in self.weights.items()},
-            }
+        manifest = {
+            OWNER_KEY: __version__,
+            **{k: v for k, v in self.manifest.items() if k != OWNER_KEY},
+            "format_version": ARTIFACT_FORMAT,
+            "config": self.config.to_json_dict(),
+            "method": self.config.method,
+            "format": self.config.format,
+            "layers": layer_entries(self.layers),
+        }
+        with staged_dir(path, FILES, overwrite) as staging:
+            save_file(encode_tensors(self.layers, self.fp_params, self.prior), str(staging / TENSORS))
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            replace_dir(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self.manifest = manifest
+        self.manifest, self.path = manifest, path
         return path
 
     @classmethod
@@ -111,25 +117,35 @@ class QuantArtifact:
             raise CheckpointError(f"{path} is not a faircalib artifact (no {MANIFEST} / {TENSORS})")
         manifest = read_json_object(path / MANIFEST)
         version = manifest.get("format_version")
-        if version not in READABLE_FORMATS:
-            raise CheckpointError(f"{path}: artifact format {version!r}, this faircalib reads {READABLE_FORMATS}")
+        if version != ARTIFACT_FORMAT:
+            older = isinstance(version, int) and version < ARTIFACT_FORMAT
+            raise CheckpointError(
+                f"{path} is an artifact of format {version}, this faircalib reads format {ARTIFACT_FORMAT}: "
+                + ("calibrate again with this version" if older else "upgrade faircalib to read it")
+            )
         config = QuantConfig.from_json_dict(manifest["config"])
         tensors, _ = read_safetensors(path / TENSORS)
-        weights, prior, fp_params = decode_weights(tensors, manifest["layers"], config)
-        return cls(
-            config, weights, manifest.get("act_clips", {}), prior, manifest, fp_params, manifest.get("act_ranges", {})
-        )
+        layers = decode_layers(tensors, manifest["layers"], config)
+        fp_params = {name[3:]: value for name, value in tensors.items() if name.startswith("fp.")}
+        return cls(config, layers, fp_params, tensors.get("prior"), manifest, path)
 
 
-def encode_weights(
-    weights: dict[str, QuantizedWeight],
-    prior: torch.Tensor | None = None,
-    fp_params: dict[str, torch.Tensor] | None = None,
+def layer_entries(layers: dict[str, QuantizedLayer]) -> dict[str, dict[str, Any]]:
+    """Each layer's manifest entry: its codes' shape and its activation quantization."""
+    return {
+        key: {"shape": list(layer.weight.codes.shape), "clip_ratio": layer.act.clip_ratio,
+              "static_amax": layer.act.static_amax}
+        for key, layer in layers.items()
+    }  # fmt: skip
+
+
+def encode_tensors(
+    layers: dict[str, QuantizedLayer], fp_params: dict[str, torch.Tensor], prior: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {
-        f"fp.{key}": v.float().cpu().contiguous() for key, v in (fp_params or {}).items()
-    }
-    for key, w in weights.items():
+    """The safetensors content of ``layers`` (codes packed when 4-bit), ``fp_params`` (as "fp.<key>") and the prior."""
+    tensors = {f"fp.{key}": v.float().cpu().contiguous() for key, v in fp_params.items()}
+    for key, layer in layers.items():
+        w = layer.weight
         codes = w.codes.cpu()
         tensors[f"{key}.codes"] = pack_int4(codes) if w.spec.bits == 4 else codes.contiguous()
         tensors[f"{key}.scale"] = w.scale.float().cpu().contiguous()
@@ -140,33 +156,22 @@ def encode_weights(
     return tensors
 
 
-def decode_weights(
-    tensors: dict[str, torch.Tensor], layers: dict[str, list[int]], config: QuantConfig
-) -> tuple[dict[str, QuantizedWeight], torch.Tensor | None, dict[str, torch.Tensor]]:
-    """Inverse of ``encode_weights``: (weights, prior, full-precision params)."""
-    spec = config.weight_spec()
-    weights = {}
-    for key, shape in layers.items():
+def decode_layers(
+    tensors: dict[str, torch.Tensor], entries: dict[str, dict[str, Any]], config: QuantConfig
+) -> dict[str, QuantizedLayer]:
+    """Inverse of ``encode_tensors`` and ``layer_entries`` for the layers."""
+    spec, act = config.weight_spec(), config.act_spec()
+    layers = {}
+    for key, entry in entries.items():
         try:
-            codes = tensors[f"{key}.codes"]
-            scale = tensors[f"{key}.scale"]
+            codes, scale = tensors[f"{key}.codes"], tensors[f"{key}.scale"]
         except KeyError as err:
             raise CheckpointError(f"artifact tensors are missing {err.args[0]}") from None
         if spec.bits == 4:
             codes = unpack_int4(codes, signed=spec.symmetric).to(spec.code_dtype)
-        if list(codes.shape) != list(shape):
-            raise CheckpointError(f"artifact layer {key} has codes {list(codes.shape)}, manifest says {shape}")
-        weights[key] = QuantizedWeight(codes, scale, tensors.get(f"{key}.zero"), spec)
-    fp_params = {name[3:]: value for name, value in tensors.items() if name.startswith("fp.")}
-    return weights, tensors.get("prior"), fp_params
-
-
-def replace_dir(staging: Path, path: Path) -> None:
-    """Move a finished directory into place; an existing one is swapped out and removed after."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(staging, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if list(codes.shape) != list(entry["shape"]):
+            raise CheckpointError(f"artifact layer {key} has codes {list(codes.shape)}, manifest says {entry['shape']}")
+        weight = QuantizedWeight(codes, scale, tensors.get(f"{key}.zero"), spec)
+        layer_act = replace(act, clip_ratio=entry["clip_ratio"], static_amax=entry["static_amax"])
+        layers[key] = QuantizedLayer(weight, layer_act)
+    return layers

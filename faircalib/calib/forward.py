@@ -1,8 +1,7 @@
 """One block over a whole calibration chunk, a slice of states at a time.
 
-A chunk is every calibration state of one sequence length (1024 states by default). Run at once through a
-block of LLaDA-8B, each 12288-wide FFN activation of it is 1.2 GB in bf16 and a float32 fake-quantized copy
-twice that, where a block's whole work took ~9 GiB beyond the model on an H100 (docs/RESULTS.md, "On a GPU").
+A chunk is every calibration state of one sequence length (a thousand by default). Run at once through a block
+of an 8B model, each wide FFN activation and its float32 fake-quantized copy would take gigabytes.
 """
 
 from __future__ import annotations

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
+from torch import nn
+
+from faircalib.calib.forward import state_slices
+from faircalib.calib.hooks import hooked
+from faircalib.calib.quant import ActSpec, fake_quant_activation
+from faircalib.models.base import BlockContext, Denoiser
 
 SLICE_BYTES = 2**28
 
@@ -43,3 +51,36 @@ def accumulate_hessian(
     The normalised Hessian is ``hessian / total``."""
     gram, weight = weighted_gram(x, weights)
     return (gram if hessian is None else hessian + gram), total + weight
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: Denoiser,
+    block: nn.Module,
+    groups: tuple[tuple[str, ...], ...],
+    inputs: Sequence[torch.Tensor],
+    contexts: Sequence[BlockContext],
+    weights: Sequence[torch.Tensor],
+    acts: Mapping[str, ActSpec],
+) -> dict[str, torch.Tensor]:
+    """Normalised weighted Hessian [K, K] (float64) per linear group, keyed by the group's first linear.
+
+    Inputs are fake-quantized first (``acts``, by the same key): GPTQ must see what the quantized layer
+    will multiply.
+    """
+    sums: dict[str, tuple[torch.Tensor | None, float]] = {group[0]: (None, 0.0) for group in groups}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def collect(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = fake_quant_activation(args[0], acts[name])
+            sums[name] = accumulate_hessian(*sums[name], x, current["weights"])
+
+        return collect
+
+    with hooked(block, {g[0]: hook(g[0]) for g in groups}, pre=True):
+        for x, ctx, w in zip(inputs, contexts, weights, strict=True):
+            for part in state_slices(model, block, x, ctx):
+                current["weights"] = w[part]
+                model.run_block(block, x[part], ctx)
+    return {name: h / total for name, (h, total) in sums.items()}

@@ -38,6 +38,18 @@ class QuantizedWeight:
         return (codes.reshape(codes.shape[0], groups, -1) - self.zero.unsqueeze(-1)).reshape(codes.shape)
 
 
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """Everything calibration decides for one linear: its weight codes / scales / zero points, and how its input
+    is quantized (the format's activation bits with the layer's calibrated clip ratio and static peak)."""
+
+    weight: QuantizedWeight
+    act: ActSpec
+
+    def to(self, device: torch.device | str) -> QuantizedLayer:
+        return QuantizedLayer(self.weight.to(device), self.act)
+
+
 def integer_dtype(values: torch.Tensor) -> torch.dtype:
     """The narrower of int8 / int16 that holds these integers (centred 8-bit asymmetric codes span +-255)."""
     low, high = (float(values.min()), float(values.max())) if values.numel() else (0.0, 0.0)
@@ -58,15 +70,15 @@ class QuantLinear(nn.Module):
     QuantizeLinear -> DequantizeLinear pair TensorRT fuses into an INT8 GEMM.
     """
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, act: ActSpec, dtype: torch.dtype):
+    def __init__(self, layer: QuantizedLayer, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
+        weight, act = layer.weight, layer.act
         self.out_features, self.in_features = weight.codes.shape
         self.quantized = weight
         self.act = act
         self.dtype = dtype
         if act.enabled and act.static_amax is None:
-            # kept as integers, cast per product: in float32 they took twice a bf16 layer's memory, 0.8 GiB a
-            # block at LLaDA-8B's size (docs/RESULTS.md, "On a GPU")
+            # kept as integers, cast per product: in float32 they would take twice a bf16 layer's memory
             centred = weight.centred_codes().T
             self.register_buffer("weight_codes", centred.to(integer_dtype(centred)).contiguous())  # [K, N]
             self.register_buffer("weight_scale", weight.scale.float().T.contiguous())  # [G, N]
@@ -74,6 +86,10 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("weight", weight.dequantize().to(dtype))
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+
+    @property
+    def layer(self) -> QuantizedLayer:
+        return QuantizedLayer(self.quantized, self.act)
 
     @property
     def device(self) -> torch.device:
@@ -109,6 +125,14 @@ def static_quant_dequant(x: torch.Tensor, act: ActSpec) -> torch.Tensor:
     ops = torch.ops.quantized_decomposed
     codes = ops.quantize_per_tensor(x, scale, 0, -qmax - 1, qmax, torch.int8)
     return ops.dequantize_per_tensor(codes, scale, 0, -qmax - 1, qmax, torch.int8, out_dtype=x.dtype)
+
+
+def install(block: nn.Module, name: str, layer: QuantizedLayer, dtype: torch.dtype) -> QuantLinear:
+    """Replace the linear ``name`` of ``block`` by a QuantLinear of ``layer`` (on the linear's device)."""
+    linear = block.get_submodule(name)
+    quantized = QuantLinear(layer, linear.bias, dtype).to(linear.weight.device)
+    replace_linear(block, name, quantized)
+    return quantized
 
 
 def replace_linear(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

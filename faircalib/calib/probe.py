@@ -1,7 +1,7 @@
 """Stage I of FAIR-Calib: probe the full-precision teacher under the deployment schedule and turn its
-trajectories into a position prior and per-token calibration weights.
+trajectories into a position prior, per-token weights, and the calibration states Stage II learns from.
 
-Definitions (ours; the paper's equations are not public, DESIGN.md section 4):
+Definitions (docs/DESIGN.md, "Stage I"):
 - frontier at step t: the committed set S_t plus the next |S_t| best-scored eligible positions
   (near misses). H(j) = frontier hits of generated position j per probe trajectory.
 - masked-stage reliability R(j): over the steps while j was masked, the fraction in which the
@@ -9,10 +9,11 @@ Definitions (ours; the paper's equations are not public, DESIGN.md section 4):
 - prior pi(j) = lam * H(j) / mean(H) + (1 - lam) * (1 - R(j)) / mean(1 - R), pooled by offset within
   the block when decoding is semi-autoregressive (each normalised to mean 1 over the region).
 - token weight in a teacher state: w = clip(1 + beta * pi(j) * f, w_min, w_max) on masked generated
-  positions, 1 elsewhere, with fragility f one of: 1 - margin ('margin'); closeness of the position's
-  confidence to that step's commit threshold, exp(-|c - c*| / tau) ('boundary'); or, on the step's
-  frontier only, closeness of its top-2 tokens, exp(-margin / tau) ('frontier': the decisions that flip
-  are near-ties between two tokens at positions being committed, docs/RESULTS.md).
+  positions, 1 elsewhere, with the fragility f = exp(-|c - c*| / tau): how close the position's confidence
+  c is to that step's commit threshold c*.
+
+FAIR-Calib and the teacher-state baselines calibrate on the teacher's own trajectory states under the
+deployment schedule (off-policy: no rollouts of the quantized model); 'gptq-text' on plain unmasked text.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from faircalib.calib.config import QuantConfig
 from faircalib.errors import ConfigError
-from faircalib.sampling.trajectory import GenerationResult, StepRecord
+from faircalib.sampling import GenerationResult, Sampling, StepRecord
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,6 @@ def token_weights(
     beta: float = 4.0,
     w_min: float = 1.0,
     w_max: float = 8.0,
-    fragility: str = "boundary",
     tau: float = 0.02,
 ) -> torch.Tensor:
     """[B, L] weights of one teacher state for the reweighted Hessian / reconstruction loss."""
@@ -118,18 +119,69 @@ def token_weights(
     if gen.shape[1] != prior.shape[0]:
         raise ConfigError(f"prior covers {prior.shape[0]} positions, the state has {gen.shape[1]} generated ones")
     masked = gen == mask_id
-    if fragility == "margin":
-        f = 1 - record.margin[:, prompt_length:]
-    elif fragility == "boundary":
-        confidence = record.confidence[:, prompt_length:]
-        distance = (confidence - commit_threshold(record)).abs()
-        f = torch.where(torch.isfinite(confidence), torch.exp(-distance / tau), torch.zeros_like(distance))
-    elif fragility == "frontier":
-        margin = record.margin[:, prompt_length:]
-        f = torch.where(frontier(record)[:, prompt_length:], torch.exp(-margin / tau), torch.zeros_like(margin))
-    else:
-        raise ConfigError(f"fragility must be 'margin', 'boundary' or 'frontier', got {fragility!r}")
+    confidence = record.confidence[:, prompt_length:]
+    distance = (confidence - commit_threshold(record)).abs()
+    f = torch.where(torch.isfinite(confidence), torch.exp(-distance / tau), torch.zeros_like(distance))
     w_gen = (1 + beta * prior.to(f.device) * f).clamp(w_min, w_max)
     weights = torch.ones(record.tokens.shape, dtype=torch.float32, device=record.tokens.device)
     weights[:, prompt_length:] = torch.where(masked, w_gen.float(), torch.ones_like(w_gen).float())
     return weights
+
+
+@dataclass(frozen=True)
+class StateChunk:
+    """States sharing one sequence length: tokens [S, L] int64, weights [S, L] float32."""
+
+    tokens: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    chunks: tuple[StateChunk, ...]
+    prior: torch.Tensor | None  # [gen_length], None when not probed
+    stats: ProbeStats | None
+    description: dict
+
+
+def subsample_steps(total: int, keep: int) -> list[int]:
+    """``keep`` step indices spread evenly over [0, total), first and last included."""
+    if keep >= total:
+        return list(range(total))
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def teacher_states(
+    runs: Sequence[GenerationResult], cfg: QuantConfig, sampling: Sampling, mask_id: int
+) -> CalibrationSet:
+    """Subsampled teacher states (``record_runs``'s runs), weighted uniformly or by the FAIR-Calib prior."""
+    stats = probe_statistics(runs, mask_id)
+    prior = position_prior(stats, cfg.lam, getattr(sampling, "block_length", None))
+    chunks = []
+    for run in runs:
+        tokens, weights = [], []
+        for index in subsample_steps(len(run.trajectory.steps), cfg.states_per_prompt):
+            record = run.trajectory.steps[index]
+            tokens.append(record.tokens)
+            if cfg.weighting == "prior":
+                weights.append(token_weights(record, run.prompt_length, prior, mask_id, beta=cfg.beta,
+                                             w_min=cfg.w_min, w_max=cfg.w_max, tau=cfg.tau))  # fmt: skip
+            else:
+                weights.append(torch.ones_like(record.tokens, dtype=torch.float32))
+        chunks.append(StateChunk(torch.cat(tokens), torch.cat(weights)))
+    description = {
+        "kind": "teacher trajectory states",
+        "prompts": sum(r.tokens.shape[0] for r in runs),
+        "states": sum(c.tokens.shape[0] for c in chunks),
+        "sampling": sampling.to_json_dict(),
+        "weighting": cfg.weighting,
+    }
+    return CalibrationSet(tuple(chunks), prior, stats, description)
+
+
+def text_states(windows: torch.Tensor) -> CalibrationSet:
+    """Plain unmasked text windows [N, L], uniform weights (the usual LLM calibration)."""
+    chunk = StateChunk(windows.long(), torch.ones(windows.shape))
+    return CalibrationSet((chunk,), None, None, {"kind": "unmasked text windows", "states": windows.shape[0]})

@@ -1,6 +1,6 @@
 """Uniform integer quantizers: weights per output channel or per group along K, activations per token.
 
-Conventions (DESIGN.md section 4): symmetric weights use signed codes in [-2^(b-1), 2^(b-1) - 1] with
+Conventions (docs/DESIGN.md, "Quantizers"): symmetric weights use signed codes in [-2^(b-1), 2^(b-1) - 1] with
 scale = absmax / (2^(b-1) - 1) and no zero-point (what TensorRT's int4 GEMM takes); asymmetric weights
 use unsigned codes in [0, 2^b - 1] with s = (max - min) / (2^b - 1) and z = round(-min / s).
 Scales and zero-points have shape [N, K // group] (group = K for per-channel).

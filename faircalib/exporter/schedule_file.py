@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from faircalib.errors import CheckpointError
+from faircalib.errors import CheckpointError, ConfigError
+from faircalib.files import write_json_atomic
 from faircalib.models.base import DenoiserSpec
-from faircalib.models.checkpoint import read_json_object, write_json_atomic
+from faircalib.models.checkpoint import read_json_object
 from faircalib.sampling import Sampling, Schedule, ScheduleStep, plan, sampling_from_json_dict
 
 SCHEDULE_FILE = "schedule.json"
@@ -60,6 +61,9 @@ def write_schedule(directory: str | Path, spec: DenoiserSpec, sampling: Sampling
 
 
 def read_schedule(path: str | Path) -> ExportedSchedule:
+    """Read and check a schedule.json (or the one in a bundle directory) field by field: every value in range,
+    and the derived ones (the top-level lengths, the step table) equal to what its sampling settings make, so
+    a hand-edited or stale file is an error, not a silently different decoder."""
     path = Path(path)
     if path.is_dir():
         path = path / SCHEDULE_FILE
@@ -67,21 +71,31 @@ def read_schedule(path: str | Path) -> ExportedSchedule:
         raise CheckpointError(f"no {SCHEDULE_FILE} at {path}")
     data = read_json_object(path)
     if data.get("format_version") != SCHEDULE_FORMAT:
-        raise CheckpointError(f"{path}: schedule format {data.get('format_version')!r}, expected {SCHEDULE_FORMAT}")
+        raise CheckpointError(f"{path}: schedule format {data.get('format_version')}, expected {SCHEDULE_FORMAT}")
     try:
-        sampling = sampling_from_json_dict(data["sampling"])
-        spec = DenoiserSpec(
-            family=data["family"],
-            mask_token_id=int(data["mask_token_id"]),
-            eos_token_ids=tuple(int(t) for t in data["eos_token_ids"]),
-            vocab_size=int(data["vocab_size"]),
-            logit_shift=bool(data["logit_shift"]),
-            sampler=data["sampling"]["sampler"],
-        )
-        table = tuple(ScheduleStep(**{k: v for k, v in row.items() if k != "step"}) for row in data["table"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path} is malformed: {err}") from None
-    expected = exported_schedule(spec, sampling)
-    if table != expected.table:
-        raise CheckpointError(f"{path}: the step table does not match its own sampling settings (edited?)")
+        expected = exported_schedule(_spec(data), sampling_from_json_dict(data["sampling"]))
+    except KeyError as err:
+        raise CheckpointError(f"{path} lacks the field {err.args[0]}") from None
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    for key, value in expected.to_json_dict().items():
+        if data.get(key) != value:
+            what = "the step table" if key == "table" else f"the field {key} ({data.get(key)})"
+            raise CheckpointError(f"{path}: {what} does not match its own sampling settings (edited?)")
     return expected
+
+
+def _spec(data: dict[str, Any]) -> DenoiserSpec:
+    """The denoiser facts of a schedule file, each checked for type and range."""
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    vocab, mask, eos = data["vocab_size"], data["mask_token_id"], data["eos_token_ids"]
+    if not integer(vocab) or vocab < 1:
+        raise ValueError(f"vocab_size must be a positive integer, got {vocab}")
+    if not integer(mask) or not 0 <= mask < vocab:
+        raise ValueError(f"mask_token_id must be a token id below vocab_size {vocab}, got {mask}")
+    if not isinstance(eos, list) or not all(integer(t) and 0 <= t < vocab for t in eos):
+        raise ValueError(f"eos_token_ids must be a list of token ids below vocab_size {vocab}, got {eos}")
+    if not isinstance(data["family"], str) or not isinstance(data["logit_shift"], bool):
+        raise ValueError("family must be a string and logit_shift true or false")
+    sampler = data["sampling"].get("sampler") if isinstance(data["sampling"], dict) else None
+    return DenoiserSpec(data["family"], mask, tuple(eos), vocab, data["logit_shift"], sampler)

@@ -1,5 +1,5 @@
 """A static check of an ONNX graph against what TensorRT needs to build its quantized GEMMs: int4
-weight-only and INT8 Q/DQ (DESIGN.md section 6), so every machine can test what only a GPU can build.
+weight-only and INT8 Q/DQ (docs/DESIGN.md, "Export rules"), so every machine can test what only a GPU can build.
 
 For each DequantizeLinear whose input is a 4-bit weight:
 - the input is a constant initializer of signed INT4 (TensorRT has no UINT4 weights, no INT4 activations);
@@ -55,9 +55,7 @@ def check_tensorrt(model: onnx.ModelProto | str | Path) -> list[Violation]:
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     readers = consumers(graph)
-    producers = {out: node for node in graph.node for out in node.output}
     violations: list[Violation] = []
-
     for node in graph.node:
         if node.op_type == "QuantizeLinear":
             violations.extend(_check_activation_quantizer(node, initializers))
@@ -65,50 +63,47 @@ def check_tensorrt(model: onnx.ModelProto | str | Path) -> list[Violation]:
             continue
         weight = initializers.get(node.input[0])
         if weight is None:
-            source = producers.get(node.input[0])
-            if source is not None and source.op_type == "QuantizeLinear" and len(source.input) > 2:
-                zero = initializers.get(source.input[2])
-                if zero is not None and zero.data_type in FOUR_BIT:
-                    continue  # reported at the QuantizeLinear
-            continue
+            continue  # an activation's dequantizer: its QuantizeLinear is checked
         name = node.name or node.output[0]
         if weight.data_type in EIGHT_BIT:
             violations.extend(_check_int8_weight(name, node, weight, initializers, readers))
-            continue
-        if weight.data_type not in FOUR_BIT:
-            continue
-        rank = len(weight.dims)
-        if weight.data_type == TensorProto.UINT4:
-            violations.append(Violation(name, "signed INT4 weights", "weight is UINT4"))
-        if len(node.input) > 2 and node.input[2]:
-            zero = initializers.get(node.input[2])
-            if zero is None or numpy_helper.to_array(zero).astype("int32").any():
-                violations.append(Violation(name, "zero point absent or zero", "non-zero or non-constant zero point"))
-        scale = initializers.get(node.input[1])
-        if scale is None:
-            violations.append(Violation(name, "constant scales", "scale is not an initializer"))
-            continue
-        if scale.data_type not in HALF:
-            dtype = TensorProto.DataType.Name(scale.data_type)
-            violations.append(Violation(name, "fp16/bf16 scales", f"scale is {dtype}"))
-        axis = _attr(node, "axis", 1) % max(rank, 1)
-        block = _attr(node, "block_size", 0)
-        if len(scale.dims) != rank or block == 0:
-            violations.append(Violation(name, "blocked quantization", "scale is not blocked (per tensor/axis)"))
-        else:
-            blocked_dims = [d for d in range(rank) if scale.dims[d] != weight.dims[d]]
-            if blocked_dims != [axis]:
-                violations.append(Violation(name, "one blocked dimension", f"scale dims {list(scale.dims)}"))
-            if axis not in (rank - 1, rank - 2):
-                violations.append(Violation(name, "blocked on the last two dimensions", f"axis {axis}"))
-            if block not in (64, 128):
-                violations.append(Violation(name, "block size 64 or 128", f"block_size {block}"))
-        if rank and weight.dims[-1] % 2:
-            violations.append(Violation(name, "even last dimension", f"weight dims {list(weight.dims)}"))
-        k_axes, problems = _weight_k_axes(name, node, rank, readers)
-        violations.extend(problems)
-        for k in sorted(k_axes - {axis}):
-            violations.append(Violation(name, "blocked along K", f"blocked axis {axis}, K is axis {k}"))
+        elif weight.data_type in FOUR_BIT:
+            violations.extend(_check_int4_weight(name, node, weight, initializers, readers))
+    return violations
+
+
+def _check_int4_weight(name: str, node: onnx.NodeProto, weight, initializers, readers) -> list[Violation]:
+    """TensorRT's int4 weight-only rules for one weight DequantizeLinear."""
+    violations, rank = [], len(weight.dims)
+    if weight.data_type == TensorProto.UINT4:
+        violations.append(Violation(name, "signed INT4 weights", "weight is UINT4"))
+    if len(node.input) > 2 and node.input[2]:
+        zero = initializers.get(node.input[2])
+        if zero is None or numpy_helper.to_array(zero).astype("int32").any():
+            violations.append(Violation(name, "zero point absent or zero", "non-zero or non-constant zero point"))
+    scale = initializers.get(node.input[1])
+    if scale is None:
+        return [*violations, Violation(name, "constant scales", "scale is not an initializer")]
+    if scale.data_type not in HALF:
+        violations.append(Violation(name, "fp16/bf16 scales", f"scale is {TensorProto.DataType.Name(scale.data_type)}"))
+    axis = _attr(node, "axis", 1) % max(rank, 1)
+    block = _attr(node, "block_size", 0)
+    if len(scale.dims) != rank or block == 0:
+        violations.append(Violation(name, "blocked quantization", "scale is not blocked (per tensor/axis)"))
+    else:
+        blocked_dims = [d for d in range(rank) if scale.dims[d] != weight.dims[d]]
+        if blocked_dims != [axis]:
+            violations.append(Violation(name, "one blocked dimension", f"scale dims {list(scale.dims)}"))
+        if axis not in (rank - 1, rank - 2):
+            violations.append(Violation(name, "blocked on the last two dimensions", f"axis {axis}"))
+        if block not in (64, 128):
+            violations.append(Violation(name, "block size 64 or 128", f"block_size {block}"))
+    if rank and weight.dims[-1] % 2:
+        violations.append(Violation(name, "even last dimension", f"weight dims {list(weight.dims)}"))
+    k_axes, problems = _weight_k_axes(name, node, rank, readers)
+    violations.extend(problems)
+    for k in sorted(k_axes - {axis}):
+        violations.append(Violation(name, "blocked along K", f"blocked axis {axis}, K is axis {k}"))
     return violations
 
 

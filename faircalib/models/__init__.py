@@ -41,10 +41,23 @@ def family_of(config: dict) -> type[Denoiser]:
 def load_denoiser(
     model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Denoiser:
-    """Load any supported checkpoint directory in eval mode."""
+    """Load any supported checkpoint directory in eval mode, its weights frozen (calibration learns its own
+    parameters, never the model's). ``model.source`` remembers the directory (tokenizer, fingerprint)."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    return family_of(config).from_pretrained(model_dir, config, dtype, device)
+    model = family_of(config).from_pretrained(model_dir, config, dtype, device)
+    model.requires_grad_(False)
+    model.source = model_dir
+    check_finite(model, model_dir)
+    return model
+
+
+def check_finite(model: Denoiser, model_dir: Path) -> None:
+    """Refuse a checkpoint with NaN or infinite weights (in the dtype loaded), naming the tensor: every
+    computation downstream would run and produce garbage without a word."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{model_dir}: tensor {name} holds NaN or infinite values")
 
 
 __all__ = [

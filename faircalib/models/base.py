@@ -15,7 +15,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from faircalib.models.checkpoint import TensorSource, write_json_atomic, write_safetensors
+from faircalib.files import write_json_atomic
+from faircalib.models.checkpoint import TensorSource, write_safetensors
 
 SamplerKind = Literal["llada", "dream"]
 
@@ -73,6 +74,7 @@ class Denoiser(nn.Module, ABC):
 
     family: ClassVar[str]
     spec: DenoiserSpec
+    source: Path | None = None  # the checkpoint directory it was loaded from (tokenizer files, fingerprint)
 
     @classmethod
     @abstractmethod

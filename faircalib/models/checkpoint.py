@@ -7,8 +7,6 @@ exists twice in memory: the model is built on the meta device and each parameter
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from faircalib.errors import CheckpointError
+from faircalib.files import write_json_atomic
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -158,20 +157,6 @@ def _split_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int | None) ->
         shard[name] = tensor
         size += nbytes
     yield shard
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _REQUIRED = object()

@@ -68,8 +68,10 @@ class HFMaskedLM(Denoiser):
         cls, model_dir: Path, config: dict[str, Any], dtype: torch.dtype, device: str | torch.device
     ) -> HFMaskedLM:
         from transformers import AutoModelForMaskedLM
+        from transformers.utils import logging as hf_logging
 
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()  # loading takes a moment; a bar of its own would break --quiet
         try:
             mlm = AutoModelForMaskedLM.from_pretrained(str(model_dir), dtype=dtype)
         except Exception as err:  # transformers raises OSError/ValueError/RuntimeError for broken checkpoints

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from faircalib.errors import ConfigError, FaircalibError
+from faircalib.exporter.onnx_export import BUNDLE_FILES
+from faircalib.files import check_output_dir, staged_dir
 
 ENGINE_FILE = "model.engine"
+ENGINE_DIR_FILES = (ENGINE_FILE, "engine.json", *BUNDLE_FILES)
 INSTALL_HINT = (
     "TensorRT is not installed. On an x86 machine with an NVIDIA GPU: pip install 'faircalib[gpu]' "
     "(TensorRT 10.8+ builds int4 weight-only engines); on Jetson it ships with JetPack 6.x "
@@ -76,13 +77,17 @@ def cache_key(onnx_path: Path, cfg: EngineConfig, trt_version: str, device_name:
     return digest.hexdigest()
 
 
-def build_engine(bundle: str | Path, out: str | Path, cfg: EngineConfig = EngineConfig()) -> Path:
+def build_engine(
+    bundle: str | Path, out: str | Path, cfg: EngineConfig = EngineConfig(), overwrite: bool = False
+) -> Path:
     """Build (or reuse from ``out``) the engine of ``bundle/model.onnx``; ``out`` becomes a bundle whose
-    model is ``model.engine``, with the same schedule.json, tokenizer files and manifest."""
+    model is ``model.engine``, with the same schedule.json, tokenizer files and manifest, written whole or
+    not at all (never over a directory faircalib did not write, unless ``overwrite``)."""
     trt = import_tensorrt()
     if not torch.cuda.is_available():
         raise FaircalibError("building a TensorRT engine needs an NVIDIA GPU, and torch sees none")
     bundle, out = Path(bundle), Path(out)
+    check_output_dir(out, ENGINE_DIR_FILES, overwrite)
     onnx_path = bundle / "model.onnx"
     if not onnx_path.is_file():
         raise ConfigError(f"no model.onnx in {bundle}: run faircalib export first")
@@ -113,9 +118,7 @@ def build_engine(bundle: str | Path, out: str | Path, cfg: EngineConfig = Engine
     if serialized is None:
         raise FaircalibError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_dir(out, ENGINE_DIR_FILES, overwrite) as staging:
         (staging / ENGINE_FILE).write_bytes(bytes(serialized))
         for item in bundle.iterdir():
             if item.is_file() and not item.name.startswith("model.onnx"):
@@ -125,12 +128,6 @@ def build_engine(bundle: str | Path, out: str | Path, cfg: EngineConfig = Engine
             "profile": asdict(cfg), "source": str(onnx_path),
         }  # fmt: skip
         (staging / "engine.json").write_text(json.dumps(engine_info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

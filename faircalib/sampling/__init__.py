@@ -7,7 +7,7 @@ from faircalib.models.base import DenoiserSpec
 from faircalib.sampling.config import DreamSampling, LLaDASampling, Sampling, sampling_from_json_dict
 from faircalib.sampling.dream import shift_logits
 from faircalib.sampling.llada import Decision, Denoise
-from faircalib.sampling.loop import decide, generate, is_deterministic, step_logits
+from faircalib.sampling.loop import decide, generate, is_deterministic, record_runs, step_logits
 from faircalib.sampling.schedule import Schedule, ScheduleStep, plan
 from faircalib.sampling.trajectory import GenerationResult, StepRecord, Trajectory
 
@@ -34,6 +34,7 @@ __all__ = [
     "generate",
     "is_deterministic",
     "plan",
+    "record_runs",
     "sampling_from_json_dict",
     "shift_logits",
     "step_logits",

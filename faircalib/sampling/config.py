@@ -49,7 +49,7 @@ class LLaDASampling:
         if self.cfg_scale < 0:
             raise ConfigError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.remasking not in REMASKING:
-            raise ConfigError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+            raise ConfigError(f"remasking must be one of {', '.join(REMASKING)}; got {self.remasking!r}")
 
     @property
     def num_blocks(self) -> int:
@@ -78,7 +78,7 @@ class DreamSampling:
     def __post_init__(self) -> None:
         _positive(gen_length=self.gen_length, steps=self.steps)
         if self.alg not in DREAM_ALGS:
-            raise ConfigError(f"alg must be one of {DREAM_ALGS}, got {self.alg!r}")
+            raise ConfigError(f"alg must be one of {', '.join(DREAM_ALGS)}; got {self.alg!r}")
         if not 0 < self.eps < 1:
             raise ConfigError(f"eps must be in (0, 1), got {self.eps}")
         if self.temperature < 0:

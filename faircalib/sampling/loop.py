@@ -6,6 +6,8 @@ ask a student for the decision it would make at the teacher's state.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from faircalib.errors import ConfigError
@@ -100,3 +102,62 @@ def generate(
         record_step(trajectory, index, step.block, x, logits, decision)
         x = torch.where(decision.committed, decision.candidates, x)
     return GenerationResult(tokens=x, prompt_length=prompt_len, trajectory=trajectory)
+
+
+@torch.no_grad()
+def record_runs(
+    denoise: Denoise,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    spec: DenoiserSpec,
+    *,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    on_progress: Callable[[float], None] | None = None,
+) -> list[tuple[Schedule, GenerationResult]]:
+    """Recorded runs of ``sampling`` over ``prompts``, batched by prompt length (each batch shares one schedule):
+    the teacher's trajectories that calibration learns from and parity compares against.
+    ``on_progress(prompts)`` after every denoising step, with the share of a batch's prompts that step did."""
+    by_length: dict[int, list[list[int]]] = {}
+    for prompt in prompts:
+        if not prompt:
+            raise ConfigError("prompts must not be empty")
+        by_length.setdefault(len(prompt), []).append(list(prompt))
+    runs = []
+    for length, group in sorted(by_length.items()):
+        schedule = plan(sampling, length)
+        for start in range(0, len(group), batch_size):
+            batch = torch.tensor(group[start : start + batch_size], dtype=torch.long, device=device)
+            ticker = Ticker(on_progress, batch.shape[0], len(schedule.steps))
+            runs.append(
+                (schedule, generate(ticker.wrap(denoise), batch, sampling, spec, schedule=schedule, record=True))
+            )
+            ticker.finish()
+    return runs
+
+
+class Ticker:
+    """Progress of one batch of ``share`` prompts over about ``calls`` forwards: each forward of the wrapped
+    denoiser reports its part of the batch (never more than the batch in all), and ``finish`` the rest."""
+
+    def __init__(self, on_progress: Callable[[float], None] | None, share: float, calls: int):
+        self.on_progress, self.share, self.calls, self.done = on_progress, share, max(calls, 1), 0.0
+
+    def wrap(self, denoise: Denoise) -> Denoise:
+        if self.on_progress is None:
+            return denoise
+
+        def call(tokens: torch.Tensor) -> torch.Tensor:
+            logits = denoise(tokens)
+            self._report(min(self.share / self.calls, self.share - self.done))
+            return logits
+
+        return call
+
+    def finish(self) -> None:
+        self._report(self.share - self.done)
+
+    def _report(self, amount: float) -> None:
+        if self.on_progress is not None and amount > 0:
+            self.done += amount
+            self.on_progress(amount)

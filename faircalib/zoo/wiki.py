@@ -57,8 +57,7 @@ def prompt_ids(tokenizer, split: Split, n: int, prompt_tokens: int, windows_per_
     opening first, then, with ``windows_per_article`` > 1, the next disjoint window of each article long
     enough for it, and so on. Fewer than ``n`` such windows is an error, not a smaller sample.
 
-    Later windows let a parity measurement rest on more decisions: on the bundled model the 507 openings'
-    16,224 commits leave a W4A4 flip rate about 0.1 points of pure sampling noise (docs/RESULTS.md).
+    Later windows let a parity measurement rest on more decisions than the split has articles.
     """
     from faircalib.models.tokenizer import encode_prompt
 

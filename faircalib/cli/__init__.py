@@ -1,0 +1,132 @@
+"""`faircalib <verb>`: a thin layer from flags to the library. Flags map one to one onto config fields."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from faircalib.cli import commands, measure
+from faircalib.cli.parser import (
+    add_backend_args,
+    add_dataclass_args,
+    add_model_args,
+    add_prompt_args,
+    add_quiet,
+    add_sampling_args,
+)
+from faircalib.errors import FaircalibError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from faircalib.bench import BenchConfig
+    from faircalib.calib.config import METHODS, QuantConfig
+    from faircalib.exporter.profiles import OPSET, PROFILES
+    from faircalib.runtime.tensorrt import EngineConfig
+
+    parser = argparse.ArgumentParser(prog="faircalib", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    overwrite = {"action": "store_true", "help": "replace --out even when it holds files faircalib did not write"}
+
+    gen = verbs.add_parser("generate", help="generate with the full-precision model or an exported bundle")
+    add_model_args(gen)
+    add_backend_args(gen)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument(
+        "--prompt", help="prompt text, read by the model's tokenizer (no default: give it or --prompt-ids)"
+    )
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3 (no default: give it or --prompt)")
+    add_sampling_args(gen)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    add_quiet(gen)
+    gen.set_defaults(run=commands.cmd_generate)
+
+    cal = verbs.add_parser("calibrate", help="calibrate a quantized student (FAIR-Calib or a baseline)")
+    add_model_args(cal)
+    cal.add_argument("--method", choices=METHODS, default="fair", help="calibration method (default: fair)")
+    cal.add_argument("--target", choices=[p for p, prof in PROFILES.items() if prof.quantized],
+                     help="the export profile to calibrate for: sets the bits, group size, symmetry and activation "
+                     "scales it takes, and refuses flags it cannot express (default: none)")  # fmt: skip
+    add_prompt_args(cal, "--calib-prompts", "calib", None)
+    cal.add_argument("--out", type=Path, required=True, help="artifact directory to write (OUT.partial/ while running)")
+    cal.add_argument("--overwrite", **overwrite)
+    add_quiet(cal)
+    preset_default = "the method's preset"
+    add_dataclass_args(cal.add_argument_group("quantization (defaults: the method's preset for the format)"),
+                       QuantConfig, ("method",), preset_default)  # fmt: skip
+    add_sampling_args(cal)
+    cal.set_defaults(run=commands.cmd_calibrate)
+
+    par = verbs.add_parser("parity", help="decision parity of a calibrated student against the FP teacher")
+    add_model_args(par)
+    add_backend_args(par)
+    par.add_argument("--artifact", type=Path, help="the calibrated student (torch backend), or the one the "
+                     "bundle was exported from, also compared with it (default: none)")  # fmt: skip
+    add_prompt_args(par, "--prompts", "eval", 64)
+    par.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default: 16)")
+    par.add_argument("--post-commit-probes", type=int, default=4,
+                     help="committed positions masked again per row and step to estimate the post-commit metrics: "
+                     "more costs forwards and lowers their noise (default: 4)")  # fmt: skip
+    par.add_argument("--json", action="store_true", help="print the whole report, curves included, as JSON")
+    add_quiet(par)
+    add_sampling_args(par)
+    par.set_defaults(run=measure.cmd_parity)
+
+    bench = verbs.add_parser("bench", help="every method x format x seed on one model: parity, time, memory; "
+                             "writes results.json, results.md and flip_curves_<format>.svg to --out")  # fmt: skip
+    add_dataclass_args(bench, BenchConfig)
+    bench.set_defaults(run=commands.cmd_bench)
+
+    exp = verbs.add_parser("export", help="write the deployable bundle: QDQ ONNX + schedule.json + tokenizer")
+    exp.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled model)")
+    exp.add_argument("--artifact", type=Path, help="calibrated student to export (default: none, for ort-fp32)")
+    exp.add_argument("--profile", choices=tuple(PROFILES), required=True, help="target runtime and format")
+    exp.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    exp.add_argument("--overwrite", **overwrite)
+    exp.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
+    add_sampling_args(exp)
+    exp.set_defaults(run=commands.cmd_export)
+
+    lat = verbs.add_parser("latency", help="per-step latency of the FP model and exported bundles")
+    add_model_args(lat)
+    lat.add_argument(
+        "--onnx",
+        type=Path,
+        nargs="*",
+        help="exported bundle directories to time on ONNX Runtime (default: none, PyTorch only)",
+    )
+    lat.add_argument("--batch", type=int, default=1, help="sequences per forward (default: 1)")
+    lat.add_argument("--seq", type=int, default=48, help="tokens per sequence (default: 48)")
+    lat.add_argument("--repeats", type=int, default=20, help="timed forwards (default: 20)")
+    lat.add_argument("--threads", type=int, default=0, help="intra-op threads (default: 0, the library's choice)")
+    lat.add_argument("--out", type=Path, help="write the rows as JSON (default: print only)")
+    lat.set_defaults(run=measure.cmd_latency)
+
+    eng = verbs.add_parser("build-engine", help="build a TensorRT engine from an exported bundle (needs a GPU)")
+    eng.add_argument("--onnx", type=Path, required=True, help="exported bundle directory")
+    eng.add_argument("--out", type=Path, required=True, help="engine directory to write")
+    eng.add_argument("--overwrite", **overwrite)
+    add_dataclass_args(eng, EngineConfig)
+    eng.set_defaults(run=commands.cmd_build_engine)
+
+    check = verbs.add_parser("check-onnx", help="check an ONNX file against TensorRT's int4 and INT8 Q/DQ rules")
+    check.add_argument("onnx", type=Path, help="the model.onnx to check")
+    check.set_defaults(run=commands.cmd_check_onnx)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; a user's mistake ends in one ``faircalib: error:`` line (exit 2), Ctrl-C in one line saying
+    what was kept (exit 130)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except FaircalibError as err:
+        print(f"faircalib: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        kept = getattr(args, "interrupted", None) or "nothing was written"
+        print(f"\nfaircalib: interrupted: {kept}", file=sys.stderr)
+        return 130

@@ -1,0 +1,123 @@
+"""The measuring verbs: parity of a student against its teacher, and per-step latency."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+
+from faircalib.cli.commands import load_model, model_path, pick_device, sampling_from_args, student_backend
+from faircalib.errors import ConfigError
+
+# metric -> (the teacher's own level, which way is better): what the table prints beside each figure
+DIRECTIONS = {
+    "frontier_flip_rate": ("0", "lower"),
+    "commit_set_disagreement": ("0", "lower"),
+    "frontier_write_error": ("0", "lower"),
+    "decision_margin_error": ("0", "lower"),
+    "post_commit_mismatch": ("teacher", "nearer the teacher"),
+    "post_commit_mismatch_forced": ("teacher", "nearer the teacher"),
+    "teacher_divergence": ("0", "lower"),
+    "exact_match": ("1", "higher"),
+    "masked_nll": ("nll", "lower"),
+}
+
+
+def parity_table(report: dict) -> str:
+    """The report as rows of metric, student, teacher's own level, and which way is better."""
+    rows = [f"{'metric':30s} {'student':>9s} {'teacher':>9s}  better"]
+    for name, (level, better) in DIRECTIONS.items():
+        value = report.get("masked_nll_q" if name == "masked_nll" else name)
+        if value is None:
+            continue
+        teacher = {"teacher": report.get("post_commit_mismatch_teacher"), "nll": report.get("masked_nll_fp")}.get(
+            level, level
+        )
+        teacher = f"{teacher:.4f}" if isinstance(teacher, float) else teacher
+        shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else str(value)
+        rows.append(f"{name:30s} {shown:>9s} {teacher:>9s}  {better}")
+    if "vs_fake_quant" in report:
+        agreement = report["vs_fake_quant"]["decision_agreement"]
+        rows.append(
+            f"{'agreement_vs_fake_quant':30s} {agreement:>9.4f} {'-':>9s}  higher (exported vs PyTorch student)"
+        )
+    return "\n".join(rows)
+
+
+def student_of(args: argparse.Namespace, teacher):
+    """The student to measure, its artifact (if any) and the schedule it was made for."""
+    from faircalib.calib.artifact import QuantArtifact, model_fingerprint
+    from faircalib.exporter.schedule_file import read_schedule
+    from faircalib.runtime.backends import bundle_manifest
+
+    artifact = QuantArtifact.load(args.artifact) if args.artifact is not None else None
+    if artifact is not None:
+        artifact.check_model(model_path(args))
+    if args.backend == "torch":
+        if artifact is None:
+            raise ConfigError("--backend torch compares the fake-quant student of an --artifact")
+        return artifact.apply(copy.deepcopy(teacher)), artifact, artifact.sampling()
+    student = student_backend(args.backend, args.onnx)
+    made_for = (bundle_manifest(args.onnx).get("model") or {}).get("fingerprint")
+    if made_for is not None and made_for != model_fingerprint(model_path(args)):
+        raise ConfigError(f"{args.onnx} was exported from another checkpoint than {model_path(args)}")
+    return student, artifact, read_schedule(args.onnx).sampling
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from faircalib.data import evaluation_data
+    from faircalib.progress import progress
+    from faircalib.sampling import record_runs
+    from faircalib.sampling.parity import decision_agreement, parity_report
+
+    teacher, tokenizer = load_model(args)
+    student, artifact, base = student_of(args, teacher)
+    sampling = sampling_from_args(args, teacher.spec, base)
+    data = evaluation_data(tokenizer, args.n_prompts, args.prompt_tokens, sampling.gen_length, args.prompts)
+    spec, device, n = teacher.spec, teacher.device, len(data.prompts)
+    with progress(n, "parity: teacher", "prompt", args.quiet, fractional=True) as bar:
+        references = record_runs(teacher, data.prompts, sampling, spec, batch_size=args.batch_size, device=device,
+                                 on_progress=bar.update)  # fmt: skip
+    with progress(n, "parity: student", "prompt", args.quiet, fractional=True) as bar:
+        report = parity_report(
+            teacher, student, data.prompts, sampling, spec, references=references, nll_windows=data.text_windows,
+            post_commit_probes=args.post_commit_probes, device=device, on_progress=bar.update,
+        )  # fmt: skip
+    report["backend"] = args.backend
+    if artifact is not None:
+        report.update(method=artifact.config.method, format=artifact.config.format, artifact=str(args.artifact))
+        if args.backend != "torch":  # the exported student against the PyTorch one it was exported from
+            fake_quant = artifact.apply(copy.deepcopy(teacher))
+            report["vs_fake_quant"] = decision_agreement(student, fake_quant, references, sampling, spec)
+    print(json.dumps(report) if args.json else parity_table(report))
+    return 0
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    import torch
+
+    from faircalib.models import DTYPES, load_denoiser
+    from faircalib.runtime.backends import OrtBackend, TorchBackend, bundle_manifest
+    from faircalib.runtime.latency import step_latency
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = pick_device(args)
+    model = load_denoiser(model_path(args), dtype, device)
+    name = next(key for key, value in DTYPES.items() if value == dtype)
+    backends = [(f"torch-{name}", TorchBackend(model))]
+    for bundle in args.onnx or []:
+        backends.append((bundle_manifest(bundle)["profile"], OrtBackend(bundle, threads=args.threads)))
+    rows = []
+    for name, backend in backends:
+        row = {"backend": name, **step_latency(backend, args.batch, args.seq, model.spec.vocab_size,
+                                               repeats=args.repeats)}  # fmt: skip
+        rows.append(row)
+        print(f"{name:14s} batch {args.batch} seq {args.seq}: {row['median_ms']:.2f} ms (p90 {row['p90_ms']:.2f})")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps({"model": str(model_path(args)), "threads": args.threads, "rows": rows}, indent=1) + "\n"
+        )
+    return 0

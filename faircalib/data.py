@@ -1,0 +1,89 @@
+"""Prompts and text for calibration and evaluation: a user's prompts file, or the offline Wikipedia splits
+the bundled model was trained beside (calibration and evaluation never see its training articles)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from faircalib.errors import ConfigError
+from faircalib.models.tokenizer import encode_prompt
+from faircalib.zoo import wiki
+
+DEFAULT_PROMPT_TOKENS = 16
+
+
+def read_lines(path: Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, stripped; errors name the file (and the line)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"prompts file not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read the prompts file {path}: {err.strerror}") from None
+    lines = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}, line {number}: not UTF-8 text (byte {err.start + 1} of the line)") from None
+        if text:
+            lines.append(text)
+    if not lines:
+        raise ConfigError(f"{path} holds no prompts")
+    return lines
+
+
+def read_prompt_file(path: Path, tokenizer: Any, limit: int | None, max_tokens: int | None = None) -> list[list[int]]:
+    """One prompt per non-empty line (the first ``limit`` lines); lines may be whole documents, so
+    ``max_tokens`` keeps only their openings."""
+    if tokenizer is None:
+        raise ConfigError("this model has no tokenizer files: a prompts file needs one")
+    return [encode_prompt(tokenizer, line)[:max_tokens] for line in read_lines(path)[:limit]]
+
+
+@dataclass(frozen=True)
+class PromptData:
+    prompts: list[list[int]]
+    text_windows: torch.Tensor | None  # [N, prompt + gen] plain text (text calibration, masked NLL)
+    description: dict[str, Any]
+
+
+def calibration_data(
+    tokenizer: Any, n: int, prompt_tokens: int | None, gen_length: int, path: Path | None, text: bool
+) -> PromptData:
+    """``n`` calibration prompts of ``prompt_tokens`` (from ``path``, else the Wikipedia calib split) and, for
+    ``text`` calibration, windows of ``prompt_tokens + gen_length`` tokens of the same text."""
+    length = (prompt_tokens or DEFAULT_PROMPT_TOKENS) + gen_length
+    if path is None:
+        if tokenizer is None:
+            raise ConfigError("this model has no tokenizer: pass --calib-prompts with prompts it can read")
+        tokens = prompt_tokens or DEFAULT_PROMPT_TOKENS
+        windows = wiki.text_windows(tokenizer, "calib", n, length) if text else None
+        description = {"source": "wikipedia leads, calib split", "prompt_tokens": tokens}
+        return PromptData(wiki.prompt_ids(tokenizer, "calib", n, tokens), windows, description)
+    windows = None
+    if text:
+        long_enough = [p[:length] for p in read_prompt_file(path, tokenizer, n) if len(p) >= length]
+        if not long_enough:
+            raise ConfigError(f"no line of {path} has {length} tokens for text calibration")
+        windows = torch.tensor(long_enough, dtype=torch.long)
+    description = {"source": str(path), "prompt_tokens": prompt_tokens}
+    return PromptData(read_prompt_file(path, tokenizer, n, prompt_tokens), windows, description)
+
+
+def evaluation_data(
+    tokenizer: Any, n: int, prompt_tokens: int | None, gen_length: int, path: Path | None
+) -> PromptData:
+    """``n`` held-out prompts (from ``path``, else the Wikipedia eval split, with masked-NLL windows)."""
+    if path is not None:
+        return PromptData(read_prompt_file(path, tokenizer, n, prompt_tokens), None, {"source": str(path)})
+    if tokenizer is None:
+        raise ConfigError("this model has no tokenizer: pass --prompts with prompts it can read")
+    tokens = prompt_tokens or DEFAULT_PROMPT_TOKENS
+    windows = wiki.text_windows(tokenizer, "eval", n, tokens + gen_length)
+    description = {"source": "wikipedia leads, eval split", "prompt_tokens": tokens}
+    return PromptData(wiki.prompt_ids(tokenizer, "eval", n, tokens), windows, description)

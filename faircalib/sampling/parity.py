@@ -1,0 +1,131 @@
+"""Parity of a student against its full-precision teacher: the teacher's recorded runs replayed for any
+student (a fake-quant model, an ONNX Runtime or TensorRT backend), pooled into the reported rates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from faircalib.errors import ConfigError
+from faircalib.models.base import DenoiserSpec
+from faircalib.sampling.config import Sampling
+from faircalib.sampling.llada import Denoise
+from faircalib.sampling.loop import Ticker, decide, generate, is_deterministic, record_runs, step_logits
+from faircalib.sampling.metrics import ParityTally, masked_nll, post_commit_counts, rate
+from faircalib.sampling.schedule import Schedule
+from faircalib.sampling.trajectory import GenerationResult
+
+Runs = list[tuple[Schedule, GenerationResult]]  # what ``record_runs`` returns
+
+
+@torch.no_grad()
+def teacher_post_commit_mismatch(
+    teacher: Denoise,
+    references: Runs,
+    sampling: Sampling,
+    spec: DenoiserSpec,
+    probes: int = 1,
+) -> float:
+    """``post_commit_mismatch`` of the teacher in its own recorded runs: where a student that decided
+    exactly like it would land on both post-commit metrics. A student below it on the free-running one is
+    not more faithful, only steadier about its own choices than the teacher is about its own.
+    """
+    pairs, mismatches = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64)
+    for _, reference in references:
+        counts = post_commit_counts(teacher, reference, sampling, spec, probes=probes)
+        pairs += counts["settled_pairs"].sum()
+        mismatches += counts["post_commit_mismatches"].sum()
+    return rate(mismatches, pairs)
+
+
+@torch.no_grad()
+def evaluate_parity(
+    student: Denoise,
+    references: Runs,
+    sampling: Sampling,
+    spec: DenoiserSpec,
+    on_progress: Callable[[float], None] | None = None,
+    post_commit_probes: int = 1,
+) -> ParityTally:
+    """The student's recorded rollout of every reference batch, teacher-forced and free-running counts
+    pooled into one tally; ``on_progress(prompts)`` as the work on each batch goes on."""
+    tally = ParityTally()
+    for schedule, reference in references:
+        prompt = reference.tokens[:, : reference.prompt_length]
+        # a rollout, the teacher-forced pass and two post-commit passes of up to ``probes`` forwards a step
+        ticker = Ticker(on_progress, prompt.shape[0], len(schedule.steps) * (2 + 2 * post_commit_probes))
+        counted = ticker.wrap(student)
+        rollout = generate(counted, prompt, sampling, spec, schedule=schedule, record=True)
+        tally.add(counted, reference, rollout, sampling, spec, schedule, post_commit_probes)
+        ticker.finish()
+    return tally
+
+
+@torch.no_grad()
+def decision_agreement(
+    student_a: Denoise,
+    student_b: Denoise,
+    references: Runs,
+    sampling: Sampling,
+    spec: DenoiserSpec,
+) -> dict[str, float | int]:
+    """How often two students make the same committed decision at the teacher's states: the fraction of
+    A's commits that B also commits at that step with the same token (and the token-only agreement)."""
+    if not is_deterministic(sampling):
+        raise ConfigError("decision agreement needs a deterministic schedule (temperature 0, no random remasking)")
+    commits = same_decisions = same_tokens = 0
+    for schedule, reference in references:
+        for index, record in enumerate(reference.trajectory.steps):
+            step = schedule.steps[index]
+            a = decide(step_logits(student_a, record.tokens, reference.prompt_length, sampling, spec),
+                       record.tokens, index, step, reference.prompt_length, sampling, spec)  # fmt: skip
+            b = decide(step_logits(student_b, record.tokens, reference.prompt_length, sampling, spec),
+                       record.tokens, index, step, reference.prompt_length, sampling, spec)  # fmt: skip
+            commits += int(a.committed.sum())
+            same_decisions += int((a.committed & b.committed & (a.candidates == b.candidates)).sum())
+            same_tokens += int((a.committed & (a.candidates == b.candidates)).sum())
+    return {
+        "committed_decisions": commits,
+        "decision_agreement": same_decisions / commits if commits else float("nan"),
+        "token_agreement": same_tokens / commits if commits else float("nan"),
+    }
+
+
+@torch.no_grad()
+def parity_report(
+    teacher: Denoise,
+    student: Denoise,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    spec: DenoiserSpec,
+    *,
+    references: Runs | None = None,
+    nll_windows: torch.Tensor | None = None,
+    nll_fp: float | None = None,
+    teacher_post_commit: float | None = None,
+    post_commit_probes: int = 4,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    on_progress: Callable[[float], None] | None = None,
+) -> dict:
+    """Every parity metric (docs/DESIGN.md, "Metrics") of ``student`` against ``teacher`` on ``prompts``.
+
+    ``references`` (from ``record_runs``), ``nll_fp`` and ``teacher_post_commit`` skip recomputing the
+    teacher's side when many students are compared with one teacher. ``post_commit_mismatch_teacher`` is
+    the teacher's own level of both post-commit metrics, the one a faithful student lands at.
+    ``post_commit_probes`` trades time for noise in all three (see ``post_commit_counts``).
+    """
+    if references is None:
+        references = record_runs(teacher, prompts, sampling, spec, batch_size=batch_size, device=device)
+    tally = evaluate_parity(student, references, sampling, spec, on_progress, post_commit_probes)
+    report = tally.summary()
+    if teacher_post_commit is None:
+        teacher_post_commit = teacher_post_commit_mismatch(teacher, references, sampling, spec, post_commit_probes)
+    report["post_commit_mismatch_teacher"] = teacher_post_commit
+    if nll_windows is not None:
+        windows = nll_windows.to(device)
+        report["masked_nll_fp"] = nll_fp if nll_fp is not None else masked_nll(teacher, windows, spec)
+        report["masked_nll_q"] = masked_nll(student, windows, spec)
+    report["sampling"] = sampling.to_json_dict()
+    return report
