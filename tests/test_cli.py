@@ -141,13 +141,3 @@ def test_calibrate_rejects_bad_config(capsys, tiny_dirs, bert_prompts, tmp_path)
         "--wbits", "5", "--out", str(tmp_path / "a"),
     )  # fmt: skip
     assert code == 2 and "weight bits must be" in err
-
-
-def test_prompt_files_one_prompt_per_line_optionally_truncated(tiny_dirs, bert_prompts):
-    from faircalib.cli import read_prompt_file
-    from faircalib.models import load_tokenizer
-
-    tokenizer = load_tokenizer(tiny_dirs["bert"])
-    whole = read_prompt_file(bert_prompts, tokenizer, limit=None)
-    assert [len(p) for p in whole] == [5, 4, 6, 5]  # [CLS] + letters; the empty line is skipped
-    assert read_prompt_file(bert_prompts, tokenizer, limit=2, max_tokens=3) == [p[:3] for p in whole[:2]]

@@ -1,17 +1,17 @@
 """The GPU path: calibration, the fake-quant student and parity with the model on CUDA. Skipped where there
 is no GPU (CI); run on a lent H100 (docs/RESULTS.md, "On a GPU")."""
 
+import copy
 import json
 
 import pytest
 import torch
 
+from faircalib.api import calibrate_to
 from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.config import preset
-from faircalib.calib.evaluate import fake_quant_student
-from faircalib.calib.pipeline import calibrate
-from faircalib.calib.runner import run_calibration
-from faircalib.calib.states import text_states
+from faircalib.calib.probe import text_states
+from faircalib.calib.stage2 import Events, calibrate
 from faircalib.cli import main
 from faircalib.models import load_denoiser
 from faircalib.sampling import LLaDASampling
@@ -45,23 +45,23 @@ def test_calibration_on_cuda_matches_the_cpu_one(tmp_path, tiny_dirs, cfg):
     of the gradient, and where a gradient is rounding noise that sign differs between devices: learned
     rotations are equally good, not equal."""
     model_dir = tiny_dirs["llada"]
-    on_cpu = run_calibration(model_dir, cfg, SAMPLING, PROMPTS, tmp_path / "cpu", quiet=True)
-    on_gpu = run_calibration(model_dir, cfg, SAMPLING, PROMPTS, tmp_path / "gpu", device="cuda", quiet=True)
+    on_cpu = calibrate_to(tmp_path / "cpu", load_denoiser(model_dir), cfg, PROMPTS, SAMPLING)
+    on_gpu = calibrate_to(tmp_path / "gpu", load_denoiser(model_dir, device="cuda"), cfg, PROMPTS, SAMPLING)
     peaks = on_gpu.manifest["gpu_peak_mb_by_stage"]
     assert set(peaks) == {"stage1", "whole_model", "blocks"}
     assert on_gpu.manifest["peak_memory_mb"] == max(peaks.values())
     loaded = QuantArtifact.load(tmp_path / "gpu")  # what a user reloads, on the CPU
     teacher = load_denoiser(model_dir)
     reference = teacher(IDS)
-    student_cpu = fake_quant_student(teacher, on_cpu)(IDS)
-    student_gpu = fake_quant_student(teacher, loaded)(IDS)
+    student_cpu = on_cpu.apply(copy.deepcopy(teacher))(IDS)
+    student_gpu = loaded.apply(copy.deepcopy(teacher))(IDS)
     error_cpu, error_gpu = (student_cpu - reference).norm(), (student_gpu - reference).norm()
     assert 0 < error_gpu < 1.25 * error_cpu, (float(error_gpu), float(error_cpu))
     if cfg.rotation_steps == 0:
         ratio = float((student_gpu - student_cpu).norm() / error_cpu)
         assert ratio < 0.2, ratio
     if cfg.method == "rtn":
-        assert all(torch.equal(loaded.weights[k].codes, w.codes) for k, w in on_cpu.weights.items())
+        assert all(torch.equal(loaded.layers[k].weight.codes, layer.weight.codes) for k, layer in on_cpu.layers.items())
 
 
 def test_stage_two_holds_one_block_on_the_gpu(tiny_dirs):
@@ -81,12 +81,18 @@ def test_stage_two_holds_one_block_on_the_gpu(tiny_dirs):
         assert resident[-1] == [next(i for i, b in enumerate(model.blocks) if b is block)]
         return run_block(block, x, ctx)
 
-    def finished(index, result, report):
+    def finished(report, mine):
         assert on_gpu() == []
-        assert not any(w.codes.is_cuda for key, w in result.weights.items() if key.startswith(f"blocks.{index}."))
+        assert not any(
+            layer.weight.codes.is_cuda
+            for key, layer in mine.layers.items()
+            if key.startswith(f"blocks.{report.index}.")
+        )
 
     model.run_block = spy
-    calibrate(model, calib, small("gptq-recon", abits=4, rotation_steps=0), offload="cpu", on_block=finished)
+    calibrate(
+        model, calib, small("gptq-recon", abits=4, rotation_steps=0), offload="cpu", events=Events(block_done=finished)
+    )
     assert sorted({tuple(r) for r in resident}) == [(i,) for i in range(len(model.blocks))]
     assert model.device.type == "cuda"  # the embedding stays
 

@@ -134,6 +134,8 @@ def calibrate(
             report.output_mse = chunked_mse(hidden_q, targets, weights)
         hidden_fp = targets
         block.to(offload if offload is not None else device)
+        # read after the move: the records must follow their codes off the compute device
+        mine.layers = {layer_key(index, name): block.get_submodule(name).layer for name in linear_names(model)}
         result.layers.update(mine.layers)
         result.fp_params.update(mine.fp_params)
         report.seconds = time.perf_counter() - start
@@ -179,7 +181,8 @@ def calibrate_block(
     model: Denoiser, block: nn.Module, index: int, data: Chunks, cfg: QuantConfig, report: BlockReport,
     head: HeadTerm | None,
 ) -> Calibrated:  # fmt: skip
-    """Smooth (optionally), quantize every linear of one block, then reconstruct (optionally), in place."""
+    """Smooth (optionally), quantize every linear of one block, then reconstruct (optionally), in place; returns
+    the full-precision parameters it changed (the layers are read off the block once it has moved)."""
     mine = Calibrated()
     if cfg.smooth:  # the full-precision block keeps computing the same function, so the targets stay valid
         smoothed = smooth_block(model, block, data.inputs, data.contexts, cfg.smooth_alpha)
@@ -199,15 +202,14 @@ def calibrate_block(
                 report.gptq_retries += solved.retries
                 weight = QuantizedWeight(solved.codes, solved.scale, solved.zero, spec)
             install(block, name, QuantizedLayer(weight, acts[group[0]]), model.dtype)
-    names = linear_names(model)
     if cfg.reconstruct and cfg.recon_steps > 0:
         with torch.enable_grad():
             report.recon = reconstruct_block(
-                block, lambda b, x, c: model.run_block(b, x, data.contexts[c]), names, data.inputs, data.targets,
+                block, lambda b, x, c: model.run_block(b, x, data.contexts[c]), linear_names(model), data.inputs,
+                data.targets,
                 data.weights, steps=cfg.recon_steps, lr=cfg.recon_lr, batch=cfg.recon_batch, seed=cfg.seed + index,
                 head=head,
             )  # fmt: skip
-    mine.layers.update({layer_key(index, name): block.get_submodule(name).layer for name in names})
     return mine
 
 

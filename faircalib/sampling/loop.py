@@ -158,6 +158,6 @@ class Ticker:
         self._report(self.share - self.done)
 
     def _report(self, amount: float) -> None:
-        if self.on_progress is not None and amount > 0:
+        if self.on_progress is not None and amount > 1e-9:  # not a rounding crumb
             self.done += amount
             self.on_progress(amount)

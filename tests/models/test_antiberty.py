@@ -12,7 +12,7 @@ from faircalib.cli import main
 
 pytestmark = pytest.mark.slow
 
-ANTIBODIES = Path(__file__).parent / "data" / "antibodies.txt"  # 12 public VH / VL sequences, residues spaced
+ANTIBODIES = Path(__file__).parents[1] / "data" / "antibodies.txt"  # 12 public VH / VL sequences, residues spaced
 SCHEDULE = ["--gen-length", "16", "--block-length", "16", "--steps", "16"]
 
 

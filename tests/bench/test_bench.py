@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faircalib.calib.bench import BenchConfig, flip_curve_svg, markdown_table, summarise
+from faircalib.bench import BenchConfig, flip_curve_svg, markdown_table, summarise
 from faircalib.errors import ConfigError
 
 

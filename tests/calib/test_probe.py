@@ -102,7 +102,7 @@ def test_commit_threshold_sits_between_in_and_out():
     assert commit_threshold(record).item() == pytest.approx(0.85)
 
 
-def test_token_weights_margin_and_boundary():
+def test_token_weights_boundary():
     inf = float("inf")
     record = record_with(
         confidence=[-inf, 0.9, 0.85, 0.3, -inf],
@@ -111,11 +111,7 @@ def test_token_weights_margin_and_boundary():
         tokens=[1, MASK, MASK, MASK, 4],
     )
     prior = torch.tensor([1.0, 2.0, 1.0, 1.0])
-    w = token_weights(record, 1, prior, MASK, beta=4.0, w_max=100.0, fragility="margin")
-    assert w[0].tolist() == pytest.approx(
-        [1.0, 1 + 4 * 0.5, 1 + 4 * 2 * 0.9, 1 + 4 * 0.1, 1.0]
-    )  # prompt, ..., committed
-    w = token_weights(record, 1, prior, MASK, beta=4.0, w_max=100.0, fragility="boundary", tau=0.1)
+    w = token_weights(record, 1, prior, MASK, beta=4.0, w_max=100.0, tau=0.1)
     threshold = 0.875
     expected = [
         1 + 4 * torch.exp(torch.tensor(-abs(c - threshold) / 0.1)).item() * p
@@ -123,28 +119,8 @@ def test_token_weights_margin_and_boundary():
     ]
     assert w[0, 1:4].tolist() == pytest.approx(expected, rel=1e-5)
     assert w[0, 0] == 1 and w[0, 4] == 1
-    clipped = token_weights(record, 1, prior, MASK, beta=4.0, w_max=2.0, fragility="margin")
+    clipped = token_weights(record, 1, prior, MASK, beta=4.0, w_max=2.0, tau=0.1)
     assert float(clipped.max()) == 2.0
-
-
-def test_token_weights_frontier_weighs_near_ties_being_decided():
-    inf = float("inf")
-    record = record_with(
-        confidence=[-inf, 0.9, 0.85, 0.3, -inf],
-        committed=[False, True, False, False, False],
-        margin=[0, 0.5, 0.01, 0.0, 0.2],  # offset 2 ties but sits off the frontier (commit + 1 near miss)
-        tokens=[1, MASK, MASK, MASK, 4],
-    )
-    prior = torch.tensor([1.0, 2.0, 1.0, 1.0])
-    w = token_weights(record, 1, prior, MASK, beta=4.0, w_max=100.0, fragility="frontier", tau=0.01)
-    expected = [
-        1.0,
-        1 + 4 * 1 * torch.exp(torch.tensor(-50.0)).item(),
-        1 + 4 * 2 * torch.exp(torch.tensor(-1.0)).item(),
-        1.0,
-        1.0,
-    ]
-    assert w[0].tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_token_weights_reject_mismatched_prior():

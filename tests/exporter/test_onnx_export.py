@@ -1,6 +1,7 @@
 """Export to ONNX: graph structure per profile, ONNX Runtime against the PyTorch fake-quant student,
 external data, and refusals of artifacts a profile cannot express."""
 
+import copy
 import json
 
 import numpy as np
@@ -9,10 +10,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from faircalib.api import calibrate_to
 from faircalib.calib.artifact import QuantArtifact
-from faircalib.calib.config import preset
-from faircalib.calib.evaluate import fake_quant_student
-from faircalib.calib.runner import run_calibration
+from faircalib.calib.config import QuantConfig, preset
 from faircalib.errors import ConfigError
 from faircalib.exporter.onnx_export import export_bundle
 from faircalib.exporter.schedule_file import read_schedule
@@ -34,14 +34,26 @@ def artifacts(tiny_dirs, tmp_path_factory):
     configs = {
         "sym-g64": preset("gptq", group_size=64),
         "asym-g16": preset("gptq", group_size=16, w_symmetric=False),
-        # learned on top of the Hadamard, with block transforms (norm weights no longer ones)
-        "rotated-a4": preset("quarot", abits=4, rotation_steps=10, block_transforms=True),
+        # learned on top of the Hadamard, with block transforms (norm weights no longer ones): QuaRot's GPTQ with
+        # a learned rotation, which no preset is
+        "rotated-a4": QuantConfig(method="custom", abits=4, rotate=True, rotation_steps=10, block_transforms=True),
         "asym-g16-a4": preset("gptq", group_size=16, w_symmetric=False, abits=4, a_symmetric=False),
         "w8a8-static": preset("gptq", wbits=8, abits=8, a_static=True),
     }
     for name, cfg in configs.items():
-        run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, root / name, quiet=True)
+        calibrate_to(root / name, load_denoiser(tiny_dirs["llada"]), cfg, PROMPTS, SAMPLING)
     return {name: root / name for name in configs}
+
+
+def export(tiny_dirs, artifact_dir, profile_name, out, **kwargs):
+    """``export_bundle`` of the tiny LLaDA and the artifact in ``artifact_dir`` (None: no artifact)."""
+    artifact = QuantArtifact.load(artifact_dir) if artifact_dir is not None else None
+    return export_bundle(load_denoiser(tiny_dirs["llada"]), artifact, profile_name, out, **kwargs)
+
+
+def student_of(teacher, artifact_dir):
+    """The fake-quant student of the artifact in ``artifact_dir``; ``teacher`` is left as it is."""
+    return QuantArtifact.load(artifact_dir).apply(copy.deepcopy(teacher))
 
 
 def ort_session(path):
@@ -56,7 +68,7 @@ def initializers(path):
 
 
 def test_trt_w4a16_graph(tiny_dirs, artifacts, tmp_path):
-    out = export_bundle(tiny_dirs["llada"], artifacts["sym-g64"], "trt-w4a16", tmp_path / "trt")
+    out = export(tiny_dirs, artifacts["sym-g64"], "trt-w4a16", tmp_path / "trt")
     inits, model = initializers(out / "model.onnx")
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 14  # 7 linears x 2 blocks
@@ -76,8 +88,8 @@ def test_trt_w4a16_graph(tiny_dirs, artifacts, tmp_path):
     [("asym-g16", "ort-w4a16"), ("rotated-a4", "ort-w4a4"), ("asym-g16-a4", "ort-w4a4"), ("w8a8-static", "ort-w8a8")],
 )
 def test_ort_matches_the_fake_quant_student(tiny_dirs, artifacts, tmp_path, name, profile_name):
-    out = export_bundle(tiny_dirs["llada"], artifacts[name], profile_name, tmp_path / name)
-    student = fake_quant_student(load_denoiser(tiny_dirs["llada"]), QuantArtifact.load(artifacts[name]))
+    out = export(tiny_dirs, artifacts[name], profile_name, tmp_path / name)
+    student = student_of(load_denoiser(tiny_dirs["llada"]), artifacts[name])
     session = ort_session(out / "model.onnx")
     for shape in ((1, 9), (3, 17)):  # dynamic batch and sequence
         ids = torch.randint(0, 95, shape, generator=torch.Generator().manual_seed(shape[1]))
@@ -92,7 +104,7 @@ def test_ort_matches_the_fake_quant_student(tiny_dirs, artifacts, tmp_path, name
 
 def test_trt_w8a8_graph(tiny_dirs, artifacts, tmp_path):
     """TensorRT's INT8 pattern: x -> Q -> DQ -> MatMul <- DQ <- INT8 W, scales constant and in fp16."""
-    out = export_bundle(tiny_dirs["llada"], artifacts["w8a8-static"], "trt-w8a8", tmp_path / "w8")
+    out = export(tiny_dirs, artifacts["w8a8-static"], "trt-w8a8", tmp_path / "w8")
     inits, model = initializers(out / "model.onnx")
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     assert len(weight_dq) == 14
@@ -106,7 +118,7 @@ def test_trt_w8a8_graph(tiny_dirs, artifacts, tmp_path):
     for node in quantizers:
         assert list(inits[node.input[1]].dims) == [] and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT16
     assert check_tensorrt(model) == []
-    student = fake_quant_student(load_denoiser(tiny_dirs["llada"]), QuantArtifact.load(artifacts["w8a8-static"]))
+    student = student_of(load_denoiser(tiny_dirs["llada"]), artifacts["w8a8-static"])
     ids = torch.randint(0, 95, (2, 11), generator=torch.Generator().manual_seed(0))
     got = ort_session(out / "model.onnx").run(None, {"input_ids": ids.numpy()})[0]
     want = student(ids).detach().numpy()
@@ -115,7 +127,7 @@ def test_trt_w8a8_graph(tiny_dirs, artifacts, tmp_path):
 
 def test_onnx_runtime_runs_every_w8a8_linear_as_an_integer_gemm(tiny_dirs, artifacts, tmp_path):
     """What dedicated Q/DQ pairs are for: ORT fuses DQ -> MatMul into MatMulIntegerToFloat for all 14."""
-    out = export_bundle(tiny_dirs["llada"], artifacts["w8a8-static"], "ort-w8a8", tmp_path / "w8")
+    out = export(tiny_dirs, artifacts["w8a8-static"], "ort-w8a8", tmp_path / "w8")
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
@@ -124,9 +136,7 @@ def test_onnx_runtime_runs_every_w8a8_linear_as_an_integer_gemm(tiny_dirs, artif
 
 
 def test_external_data_for_large_weights(tiny_dirs, artifacts, tmp_path):
-    out = export_bundle(
-        tiny_dirs["llada"], artifacts["asym-g16"], "ort-w4a16", tmp_path / "ext", external_data_threshold=0
-    )
+    out = export(tiny_dirs, artifacts["asym-g16"], "ort-w4a16", tmp_path / "ext", external_data_threshold=0)
     assert (out / "model.onnx.data").is_file()
     assert json.loads((out / "manifest.json").read_text())["external_data"]
     ids = torch.tensor([[5, 6, 7, 95, 95]])
@@ -145,13 +155,13 @@ def test_external_data_for_large_weights(tiny_dirs, artifacts, tmp_path):
 )
 def test_profiles_refuse_what_they_cannot_express(tiny_dirs, artifacts, tmp_path, name, profile_name, message):
     with pytest.raises(ConfigError, match=message):
-        export_bundle(tiny_dirs["llada"], artifacts[name], profile_name, tmp_path / "x")
+        export(tiny_dirs, artifacts[name], profile_name, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
 def test_unknown_profile(tiny_dirs, artifacts, tmp_path):
     with pytest.raises(ConfigError, match="unknown export profile"):
-        export_bundle(tiny_dirs["llada"], artifacts["sym-g64"], "trt-w3a3", tmp_path / "x")
+        export(tiny_dirs, artifacts["sym-g64"], "trt-w3a3", tmp_path / "x")
 
 
 def test_export_cli_then_check_onnx(tiny_dirs, artifacts, tmp_path, capsys):
@@ -172,9 +182,9 @@ def test_generate_and_parity_on_onnx_runtime(tiny_dirs, artifacts, tmp_path, cap
     from faircalib.runtime.backends import OrtBackend
     from faircalib.runtime.driver import run_bundle
 
-    out = export_bundle(tiny_dirs["llada"], artifacts["rotated-a4"], "ort-w4a4", tmp_path / "a4")
+    out = export(tiny_dirs, artifacts["rotated-a4"], "ort-w4a4", tmp_path / "a4")
     prompt = torch.tensor([[5, 6, 7, 8]])
-    student = fake_quant_student(load_denoiser(tiny_dirs["llada"]), QuantArtifact.load(artifacts["rotated-a4"]))
+    student = student_of(load_denoiser(tiny_dirs["llada"]), artifacts["rotated-a4"])
     assert torch.equal(run_bundle(OrtBackend(out), out, prompt).tokens, run_bundle(student, out, prompt).tokens)
 
     assert (
@@ -193,21 +203,24 @@ def test_generate_and_parity_on_onnx_runtime(tiny_dirs, artifacts, tmp_path, cap
 
 def test_exported_w4a4_student_makes_the_fake_quant_students_decisions(tiny_dirs, artifacts, tmp_path):
     """Issue 5's bar: >= 99 % of committed decisions along the teacher trajectory agree."""
-    from faircalib.calib.evaluate import parity_report
     from faircalib.runtime.backends import OrtBackend
-    from faircalib.sampling.metrics import decision_agreement, teacher_runs
+    from faircalib.sampling import record_runs
+    from faircalib.sampling.parity import decision_agreement, parity_report
 
-    out = export_bundle(tiny_dirs["llada"], artifacts["rotated-a4"], "ort-w4a4", tmp_path / "a4")
+    out = export(tiny_dirs, artifacts["rotated-a4"], "ort-w4a4", tmp_path / "a4")
     teacher = load_denoiser(tiny_dirs["llada"])
-    student = fake_quant_student(teacher, QuantArtifact.load(artifacts["rotated-a4"]))
+    student = student_of(teacher, artifacts["rotated-a4"])
     prompts = torch.randint(3, 90, (16, 6), generator=torch.Generator().manual_seed(3)).tolist()
-    references = teacher_runs(teacher, prompts, SAMPLING, teacher.spec)
+    references = record_runs(teacher, prompts, SAMPLING, teacher.spec)
     agreement = decision_agreement(OrtBackend(out), student, references, SAMPLING, teacher.spec)
     assert agreement["committed_decisions"] == 16 * SAMPLING.gen_length
     assert agreement["decision_agreement"] >= 0.99
-    report = parity_report(teacher, OrtBackend(out), prompts, SAMPLING, references=references)
-    assert report == parity_report(teacher, student, prompts, SAMPLING, references=references) or (
-        abs(report["frontier_flip_rate"] - parity_report(teacher, student, prompts, SAMPLING)["frontier_flip_rate"])
+    report = parity_report(teacher, OrtBackend(out), prompts, SAMPLING, teacher.spec, references=references)
+    assert report == parity_report(teacher, student, prompts, SAMPLING, teacher.spec, references=references) or (
+        abs(
+            report["frontier_flip_rate"]
+            - parity_report(teacher, student, prompts, SAMPLING, teacher.spec)["frontier_flip_rate"]
+        )
         < 0.02
     )
 
@@ -216,14 +229,14 @@ def test_fp32_export_and_latency(tiny_dirs, artifacts, tmp_path, capsys):
     from faircalib.cli import main
     from faircalib.runtime.backends import OrtBackend
 
-    out = export_bundle(tiny_dirs["llada"], None, "ort-fp32", tmp_path / "fp32")
+    out = export(tiny_dirs, None, "ort-fp32", tmp_path / "fp32")
     teacher = load_denoiser(tiny_dirs["llada"])
     ids = torch.tensor([[5, 6, 7, 95, 95, 95]])
     assert np.abs(OrtBackend(out)(ids).numpy() - teacher(ids).detach().numpy()).max() < LOGIT_TOLERANCE
     with pytest.raises(ConfigError, match="drop the artifact"):
-        export_bundle(tiny_dirs["llada"], artifacts["sym-g64"], "ort-fp32", tmp_path / "x")
+        export(tiny_dirs, artifacts["sym-g64"], "ort-fp32", tmp_path / "x")
     with pytest.raises(ConfigError, match="give its artifact"):
-        export_bundle(tiny_dirs["llada"], None, "ort-w4a16", tmp_path / "x")
+        export(tiny_dirs, None, "ort-w4a16", tmp_path / "x")
     report = tmp_path / "latency.json"
     argv = ["latency", "--model", str(tiny_dirs["llada"]), "--onnx", str(out), "--repeats", "3", "--out", str(report)]
     assert main(argv) == 0
@@ -232,7 +245,7 @@ def test_fp32_export_and_latency(tiny_dirs, artifacts, tmp_path, capsys):
 
 
 def test_static_and_per_token_activation_artifacts_go_to_their_own_profiles():
-    from faircalib.exporter.onnx_export import profile
+    from faircalib.exporter.profiles import profile
 
     dynamic = QuantArtifact(preset("gptq", wbits=8, abits=8), {})
     static = QuantArtifact(preset("gptq", wbits=8, abits=8, a_static=True), {})

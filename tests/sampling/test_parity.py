@@ -1,0 +1,18 @@
+"""Parity of a student against the teacher's recorded runs."""
+
+from faircalib.models.tiny import tiny_denoiser
+from faircalib.sampling import LLaDASampling, record_runs
+from faircalib.sampling.parity import evaluate_parity, teacher_post_commit_mismatch
+
+
+def test_the_teacher_against_itself_scores_its_own_post_commit_level():
+    """The level reported beside a student's post_commit_mismatch is what the teacher scores as its own
+    student: same rollouts, same probes."""
+    teacher = tiny_denoiser("llada", seed=0)
+    sampling = LLaDASampling(gen_length=8, block_length=4, steps=8)
+    references = record_runs(teacher, [[3, 4, 5], [6, 7, 8], [9, 10]], sampling, teacher.spec)
+    own = teacher_post_commit_mismatch(teacher, references, sampling, teacher.spec, probes=2)
+    summary = evaluate_parity(teacher, references, sampling, teacher.spec, post_commit_probes=2).summary()
+    assert summary["frontier_flip_rate"] == 0 and summary["post_commit_mismatch"] == own
+    assert summary["post_commit_mismatch_forced"] == own
+    assert 0 < own < 1
