@@ -1,4 +1,4 @@
-"""AntiBERTy (DESIGN.md section 2), a real pretrained masked LM that `make install` puts in place: the
+"""AntiBERTy, a real pretrained masked LM that `make install` puts in place: the
 BERT adapter loads its checkpoint as published, and generation, FAIR-Calib and parity run on it from the
 command line."""
 
