@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from faircalib.api import calibrate_to
 from faircalib.calib.config import preset
-from faircalib.calib.runner import host_peak_mb, run_calibration
+from faircalib.calib.runner import host_peak_mb
 from faircalib.kernels.hadamard import apply_block_hadamard, hadamard_block, hadamard_matrix, hadamard_reference
 from faircalib.models import LLaDA, LLaDAConfig, load_denoiser
 from faircalib.models.tiny import randomize_
@@ -69,7 +70,7 @@ def calibrate_one(model_dir: Path, method: str, args: argparse.Namespace, work: 
     out = work / f"{method}-w4a{args.abits}"
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    artifact = run_calibration(model_dir, cfg, sampling, prompts, out, model=model)
+    artifact = calibrate_to(out, model, cfg, prompts, sampling, overwrite=True)
     wall = time.perf_counter() - start
     manifest = artifact.manifest
     blocks = manifest["blocks"]

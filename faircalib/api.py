@@ -21,7 +21,9 @@ from faircalib.calib import runner
 from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.config import QuantConfig
 from faircalib.errors import ConfigError
+from faircalib.exporter.gguf_export import export_gguf
 from faircalib.exporter.onnx_export import export_bundle
+from faircalib.exporter.profiles import PROFILES
 from faircalib.files import check_output_dir
 from faircalib.models import Denoiser, load_tokenizer
 from faircalib.models.tokenizer import encode_prompt
@@ -98,9 +100,10 @@ def export(
     overwrite: bool = False,
 ) -> Path:
     """Write the deployable bundle of ``artifact``'s student of ``model`` for ``profile`` (e.g. "ort-w4a4",
-    "trt-w4a16"; None and "ort-fp32" for the full-precision model): model.onnx, schedule.json, tokenizer files,
-    manifest. ``model`` is left as it is."""
-    return export_bundle(model, artifact, profile, out, sampling=sampling, overwrite=overwrite)
+    "trt-w4a16", "gguf-q4_0"; no artifact for "ort-fp32" and "gguf-f16", the full-precision model): model.onnx
+    or model.gguf, schedule.json, tokenizer files, manifest. ``model`` is left as it is."""
+    writer = export_gguf if PROFILES.get(profile) and PROFILES[profile].container == "gguf" else export_bundle
+    return writer(model, artifact, profile, out, sampling=sampling, overwrite=overwrite)
 
 
 def parity(

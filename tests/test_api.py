@@ -39,3 +39,13 @@ def test_the_public_api_names_resolve():
 def test_a_preset_is_the_config_of_its_method_and_format():
     assert faircalib.QuantConfig(method="fair", abits=4) == faircalib.preset("fair", abits=4)
     assert faircalib.QuantConfig.from_json_dict(faircalib.preset("quarot").to_json_dict()) == faircalib.preset("quarot")
+
+
+@pytest.mark.parametrize("script", ["gpu_scale.py", "llamacpp.py"])
+def test_the_benchmark_scripts_import(script):
+    """They run where CI cannot (a GPU, an hour of CPU); their imports must still follow the package."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / script
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))

@@ -65,9 +65,11 @@ class QuantConfig:
     abits: int = 16
     group_size: int | None = None  # None: one scale per output channel
     w_symmetric: bool = True
+    w_fp16_scales: bool = False  # weight scales rounded to fp16 (GGUF's blocks store them so)
     a_symmetric: bool = True
     a_clip_ratio: float = 1.0
     a_static: bool = False  # one calibrated scale per tensor instead of per-token dynamic (TensorRT INT8)
+    a_group_size: int | None = None  # one scale per token and block of inputs (llama.cpp's Q8_0 activations)
     # --- weight solver
     solver: Literal["rtn", "gptq"] | None = None
     damp: float = 0.01
@@ -146,10 +148,10 @@ class QuantConfig:
                 )
 
     def weight_spec(self) -> WeightSpec:
-        return WeightSpec(self.wbits, self.group_size, self.w_symmetric)
+        return WeightSpec(self.wbits, self.group_size, self.w_symmetric, self.w_fp16_scales)
 
     def act_spec(self) -> ActSpec:
-        return ActSpec(self.abits, self.a_symmetric, self.a_clip_ratio)
+        return ActSpec(self.abits, self.a_symmetric, self.a_clip_ratio, group_size=self.a_group_size)
 
     @property
     def format(self) -> str:
@@ -157,8 +159,9 @@ class QuantConfig:
 
     @property
     def act_format(self) -> str:
-        """The activation format the presets are keyed by: A4, A8, A8-static or A16."""
-        return f"A{self.abits}" + ("-static" if self.a_static else "")
+        """The activation format the presets are keyed by: A4, A8, A8-static, A8-g32 (per-block) or A16."""
+        blocks = f"-g{self.a_group_size}" if self.a_group_size else ""
+        return f"A{self.abits}" + ("-static" if self.a_static else "") + blocks
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -147,7 +147,9 @@ def _quantize_block(
             g = column // dynamic_group
             group_clip = clip[:, g : g + 1] if isinstance(clip, torch.Tensor) else clip
             s, z = weight_qparams(
-                block[:, i : i + dynamic_group], WeightSpec(spec.bits, None, spec.symmetric), group_clip
+                block[:, i : i + dynamic_group],
+                WeightSpec(spec.bits, None, spec.symmetric, spec.fp16_scales),
+                group_clip,
             )
             scale[:, g : g + 1] = s
             if zero is not None:

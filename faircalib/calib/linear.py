@@ -10,7 +10,14 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
-from faircalib.calib.quant import ActSpec, WeightSpec, code_matmul, dequantize_weight, quantize_activation
+from faircalib.calib.quant import (
+    ActSpec,
+    WeightSpec,
+    code_matmul,
+    dequantize_weight,
+    fake_quant_activation,
+    quantize_activation,
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ class QuantLinear(nn.Module):
         self.quantized = weight
         self.act = act
         self.dtype = dtype
-        if act.enabled and act.static_amax is None:
+        if act.enabled and act.static_amax is None and act.group_size is None:
             # kept as integers, cast per product: in float32 they would take twice a bf16 layer's memory
             centred = weight.centred_codes().T
             self.register_buffer("weight_codes", centred.to(integer_dtype(centred)).contiguous())  # [K, N]
@@ -108,6 +115,8 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if self.act.static_amax is not None:
             return F.linear(static_quant_dequant(x, self.act), self.weight, self.bias)
+        if self.act.group_size is not None:  # per-block scales: llama.cpp's integer products, taken in float
+            return F.linear(fake_quant_activation(x, self.act), self.weight, self.bias)
         codes, scale = quantize_activation(x, self.act)
         y = code_matmul(codes, self.weight_codes.float(), self.weight_scale.float()) * scale
         if self.bias is not None:

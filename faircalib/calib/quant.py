@@ -22,6 +22,7 @@ class WeightSpec:
     bits: int = 4
     group_size: int | None = None  # None: one scale per output channel
     symmetric: bool = True
+    fp16_scales: bool = False  # scales rounded to fp16, as GGUF's Q4_0 / Q8_0 blocks store them
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
@@ -54,12 +55,15 @@ class ActSpec:
 
     Per-token dynamic scales by default. ``static_amax`` (the input's calibrated peak |x|) switches to one
     static per-tensor scale, static_amax * clip_ratio / qmax, symmetric 8-bit: what TensorRT's INT8 GEMMs take.
+    ``group_size`` gives each token one scale per block of that many inputs, rounded to fp16, symmetric 8-bit:
+    what llama.cpp does to the activations it multiplies by Q4_0 / Q8_0 weights (its Q8_0 blocks).
     """
 
     bits: int = 16
     symmetric: bool = True
     clip_ratio: float = 1.0
     static_amax: float | None = None
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8, 16):
@@ -71,6 +75,10 @@ class ActSpec:
                 raise ConfigError("static per-tensor activation scales are symmetric 8-bit only")
             if not self.static_amax > 0:  # also refuses NaN
                 raise ConfigError(f"static activation peak must be positive, got {self.static_amax}")
+        if self.group_size is not None and (self.bits != 8 or not self.symmetric or self.static_amax is not None):
+            raise ConfigError("per-block activation scales are symmetric 8-bit and dynamic only")
+        if self.group_size is not None and self.group_size < 1:
+            raise ConfigError(f"activation group size must be positive, got {self.group_size}")
 
     @property
     def static_scale(self) -> float:
@@ -97,12 +105,17 @@ def weight_qparams(
     g = _grouped(w.float(), spec.groups(w.shape[1]))
     if spec.symmetric:
         absmax = g.abs().amax(dim=-1) * clip
-        return (absmax / spec.qmax).clamp_min(_TINY), None
+        return stored_scale(spec, (absmax / spec.qmax).clamp_min(_TINY)), None
     hi = g.amax(dim=-1).clamp_min(0) * clip
     lo = g.amin(dim=-1).clamp_max(0) * clip
-    scale = ((hi - lo) / spec.qmax).clamp_min(_TINY)
+    scale = stored_scale(spec, ((hi - lo) / spec.qmax).clamp_min(_TINY))
     zero = torch.round(-lo / scale).clamp(0, spec.qmax)
     return scale, zero
+
+
+def stored_scale(spec: WeightSpec, scale: torch.Tensor) -> torch.Tensor:
+    """Scales as the format stores them: fp16 ones (no smaller than fp16's smallest step) or as they are."""
+    return scale.half().float().clamp_min(2**-24) if spec.fp16_scales else scale
 
 
 def quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: WeightSpec) -> torch.Tensor:
@@ -137,13 +150,16 @@ def quantize_activation(
     x: torch.Tensor, spec: ActSpec, clip: torch.Tensor | None = None, ste: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantization of x [..., K] along its last dimension: zero-point-centred integer codes [..., K]
-    (float32, integer-valued) and scales [..., 1] per token ([] for a static spec), so that x ~ codes * scale.
+    (float32, integer-valued) and scales [..., 1] per token ([] for a static spec, [..., K / g, 1] per block of
+    ``group_size``), so that x ~ codes * scale.
 
     ``clip`` (a tensor) overrides ``spec.clip_ratio``; ``ste`` makes rounding differentiable.
     """
     rnd = round_ste if ste else torch.round
     ratio = spec.clip_ratio if clip is None else clip
     xf = x.float()
+    if spec.group_size is not None:
+        return _blocked(xf, spec, ratio, rnd)
     if spec.static_amax is not None:
         qmax = 2 ** (spec.bits - 1) - 1
         scale = (torch.as_tensor(spec.static_amax * ratio, dtype=torch.float32, device=x.device) / qmax).clamp_min(
@@ -162,6 +178,17 @@ def quantize_activation(
     return rnd(xf / scale + zero).clamp(0, qmax) - zero, scale
 
 
+def _blocked(xf: torch.Tensor, spec: ActSpec, ratio, rnd) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [..., K] and scales [..., K / g, 1] of per-block activations, as llama.cpp's quantize_row_q8_0
+    takes them: q = round(x * 127 / amax), the block's scale amax / 127 kept in fp16."""
+    blocks = xf.reshape(*xf.shape[:-1], -1, spec.group_size)
+    amax = blocks.abs().amax(dim=-1, keepdim=True) * ratio
+    qmax = 2 ** (spec.bits - 1) - 1
+    inverse = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
+    codes = rnd(blocks * inverse).clamp(-qmax, qmax)
+    return codes.reshape(xf.shape), (amax / qmax).half().float()
+
+
 def fake_quant_activation(
     x: torch.Tensor, spec: ActSpec, clip: torch.Tensor | None = None, ste: bool = False
 ) -> torch.Tensor:
@@ -169,6 +196,8 @@ def fake_quant_activation(
     if not spec.enabled:
         return x
     codes, scale = quantize_activation(x, spec, clip, ste)
+    if spec.group_size is not None:
+        return (codes.reshape(*scale.shape[:-1], -1) * scale).reshape(x.shape).to(x.dtype)
     return (codes * scale).to(x.dtype)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from faircalib.calib.linear import QuantizedLayer, QuantizedWeight, QuantLinear, replace_linear
 from faircalib.calib.objectives import adam_cosine, weighted_kl, weighted_mse
-from faircalib.calib.quant import fake_quant_activation, round_ste
+from faircalib.calib.quant import fake_quant_activation, round_ste, stored_scale
 
 CLIP_FLOOR = 0.3  # learned activation clip ratios stay in [CLIP_FLOOR, 1]
 
@@ -42,7 +42,9 @@ class LearnableQuantLinear(nn.Module):
         self.register_buffer("bias", bias.detach().float() if bias is not None else None)
         self.offset = nn.Parameter(torch.zeros_like(self.codes))
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale))
-        self.act_clip = nn.Parameter(torch.tensor(act.clip_ratio)) if act.enabled else None
+        # a clip ratio is learned where the runtime applies one: not for per-block scales (llama.cpp has none)
+        learns_clip = act.enabled and act.group_size is None
+        self.act_clip = nn.Parameter(torch.tensor(act.clip_ratio)) if learns_clip else None
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -73,7 +75,7 @@ class LearnableQuantLinear(nn.Module):
         spec = self.start.spec
         with torch.no_grad():
             codes = self.current_codes().to(spec.code_dtype)
-            scale = self.scale * self.log_scale.exp()
+            scale = stored_scale(spec, self.scale * self.log_scale.exp())
             act = self.act
             if self.act_clip is not None:
                 act = replace(act, clip_ratio=self.act_clip.item())

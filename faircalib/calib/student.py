@@ -26,6 +26,11 @@ def linear_names(model: Denoiser) -> list[str]:
     return [name for group in model.linear_groups() for name in group]
 
 
+def linear_widths(model: Denoiser) -> list[int]:
+    """The input width of every quantized linear of a block (what a group size must divide)."""
+    return [model.blocks[0].get_submodule(name).in_features for name in linear_names(model)]
+
+
 def set_fp_params(block: nn.Module, index: int, params: Mapping[str, torch.Tensor]) -> None:
     """Copy full-precision parameters recorded under "blocks.{index}.<name>" into ``block``."""
     prefix = f"blocks.{index}."

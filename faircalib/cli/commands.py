@@ -85,17 +85,21 @@ def prompt_from_args(args: argparse.Namespace, tokenizer) -> list[int]:
     return encode_prompt(tokenizer, args.prompt)
 
 
-def student_backend(kind: str, bundle: Path | None):
-    """The exported student of a bundle on ONNX Runtime or TensorRT."""
+def student_backend(kind: str, bundle: Path | None, threads: int = 0):
+    """The exported student of a bundle on ONNX Runtime, TensorRT or llama.cpp."""
     if bundle is None:
-        raise ConfigError(f"--backend {kind} needs --onnx BUNDLE_DIR (an export, or an engine directory for trt)")
+        raise ConfigError(f"--backend {kind} needs --bundle DIR (an export, or an engine directory for trt)")
     if kind == "trt":
         from faircalib.runtime.tensorrt import TensorRTBackend
 
         return TensorRTBackend(bundle)
+    if kind == "llamacpp":
+        from faircalib.runtime.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(bundle, threads=threads)
     from faircalib.runtime.backends import OrtBackend
 
-    return OrtBackend(bundle)
+    return OrtBackend(bundle, threads=threads)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -110,7 +114,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         source, backend = model_path(args), TorchBackend(model)
         schedule = exported_schedule(model.spec, sampling_from_args(args, model.spec))
     else:
-        source, backend, tokenizer = args.onnx, student_backend(args.backend, args.onnx), load_tokenizer(args.onnx)
+        backend = student_backend(args.backend, args.onnx, args.threads)
+        source, tokenizer = args.onnx, load_tokenizer(args.onnx)
         exported = read_schedule(args.onnx)  # the graph is one forward: any plan runs on it
         schedule = exported_schedule(exported.spec, sampling_from_args(args, exported.spec, exported.sampling))
     prompt_ids = prompt_from_args(args, tokenizer)
@@ -135,14 +140,14 @@ def quant_config_from_args(args: argparse.Namespace, model):
     """The calibration config: ``--method``'s preset for ``--target``'s format (for ``model``'s widths), then
     every flag given; a flag the target cannot express is an error."""
     from faircalib.calib.config import QuantConfig, preset
-    from faircalib.calib.student import linear_names
+    from faircalib.calib.student import linear_widths
     from faircalib.exporter.profiles import profile
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig) if f.name != "method"}
     if args.target is None:
         return preset(args.method, **fields)
     target = profile(args.target)
-    needs = target.calibration_fields([model.blocks[0].get_submodule(n).in_features for n in linear_names(model)])
+    needs = target.calibration_fields(linear_widths(model))
     contradicting = [f"--{k.replace('_', '-')} {fields[k]}" for k, v in needs.items() if fields[k] not in (None, v)]
     cfg = preset(args.method, **{**needs, **{k: v for k, v in fields.items() if v is not None}})
     target.check_config(cfg, contradicting)

@@ -58,7 +58,7 @@ def student_of(args: argparse.Namespace, teacher):
         if artifact is None:
             raise ConfigError("--backend torch compares the fake-quant student of an --artifact")
         return artifact.apply(copy.deepcopy(teacher)), artifact, artifact.sampling()
-    student = student_backend(args.backend, args.onnx)
+    student = student_backend(args.backend, args.onnx, args.threads)
     made_for = (bundle_manifest(args.onnx).get("model") or {}).get("fingerprint")
     if made_for is not None and made_for != model_fingerprint(model_path(args)):
         raise ConfigError(f"{args.onnx} was exported from another checkpoint than {model_path(args)}")

@@ -17,7 +17,10 @@ FIELD_HELP = {
     "abits": "activation bits (16: weight-only)",
     "group_size": "weights per scale along K (default: one scale per output channel)",
     "w_symmetric": "signed weight codes without zero points (--no-w-symmetric: unsigned codes with zero points)",
+    "w_fp16_scales": "weight scales rounded to fp16, as GGUF's Q4_0 / Q8_0 blocks store them",
     "a_symmetric": "symmetric per-token activation quantization",
+    "a_group_size": "one activation scale per token and block of this many inputs (llama.cpp's: 32; default: "
+    "one per token)",
     "a_clip_ratio": "starting activation clip ratio in (0, 1]",
     "a_static": "one calibrated scale per tensor for 8-bit activations (TensorRT INT8) instead of per token",
     "solver": "how weights are rounded: GPTQ against the token-weighted Hessian, or round to nearest",
@@ -113,7 +116,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block-length", type=int, help="semi-autoregressive block (LLaDA; default: gen length)")
     group.add_argument("--steps", type=int, help="denoising steps (default: gen length)")
     group.add_argument("--temperature", type=float, help="sampling temperature (default: 0, greedy)")
-    group.add_argument("--remasking", choices=("low_confidence", "random"), help="LLaDA (default: low_confidence)")
+    group.add_argument("--remasking", choices=("low_confidence", "random", "left_to_right"),
+                       help="LLaDA's commit order (default: low_confidence)")  # fmt: skip
     group.add_argument("--cfg-scale", type=float, help="classifier-free guidance, LLaDA only (default: 0)")
     group.add_argument("--logits-eos-inf", action="store_true", default=None, help="LLaDA: never sample EOS")
     group.add_argument("--confidence-eos-eot-inf", action="store_true", default=None,
@@ -140,11 +144,12 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+BACKENDS = ("torch", "ort", "trt", "llamacpp")
+
+
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=("torch", "ort", "trt"), default="torch",
-                        help="what runs the student: PyTorch, ONNX Runtime or TensorRT (default: torch)")  # fmt: skip
-    parser.add_argument(
-        "--onnx",
-        type=Path,
-        help="exported bundle (ort) or engine directory (trt) (default: none; needed by ort and trt)",
-    )
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="what runs the student: PyTorch, "
+                        "ONNX Runtime, TensorRT or llama.cpp (default: torch)")  # fmt: skip
+    parser.add_argument("--bundle", "--onnx", dest="onnx", type=Path, help="exported bundle (ort, llamacpp) or "
+                        "engine directory (trt) (default: none; needed by every backend but torch)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=0, help="the backend's CPU threads (default: 0, its choice)")

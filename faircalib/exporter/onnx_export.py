@@ -89,6 +89,8 @@ def export_bundle(
     left as it is); ``artifact`` the student to export (None for a full-precision profile); ``sampling`` the
     schedule to unroll (default: the artifact's, else the family's reference one)."""
     out, prof = Path(out), profile(profile_name)
+    if prof.container != "onnx":
+        raise ConfigError(f"profile {prof.name} exports GGUF for llama.cpp, not ONNX")
     prof.check(artifact)
     check_output_dir(out, BUNDLE_FILES, overwrite)
     source = getattr(model, "source", None)

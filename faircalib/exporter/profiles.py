@@ -27,6 +27,9 @@ class Profile:
     block_sizes: tuple[int | None, ...] | None  # the group sizes it takes (None in it: per-channel); None: any
     quantized: bool = True  # False: the full-precision teacher, the reference for speed
     static_activations: bool = False  # per-tensor calibrated activation scales (QuantizeLinear), not per-token
+    container: str = "onnx"  # or "gguf" (llama.cpp)
+    activation_blocks: int | None = None  # per-token scales per block of inputs (llama.cpp's Q8_0 activations)
+    fp16_scales: bool = False  # weight scales stored in fp16
 
     def check(self, artifact: QuantArtifact | None) -> None:
         """Refuse an artifact this profile cannot express faithfully (or a missing / superfluous one)."""
@@ -54,6 +57,13 @@ class Profile:
         if cfg.abits < 16 and cfg.a_static != self.static_activations:
             wanted = "static per-tensor (calibrate with --a-static)" if self.static_activations else "per-token"
             problems.append(f"{'static' if cfg.a_static else 'per-token'} activation scales (it takes {wanted})")
+        if cfg.abits < 16 and not cfg.a_static and cfg.a_group_size != self.activation_blocks:
+            has, takes = (_blocks(n) for n in (cfg.a_group_size, self.activation_blocks))
+            problems.append(f"{has} activation scales (it takes {takes})")
+        if self.fp16_scales and not cfg.w_fp16_scales:
+            problems.append("float32 weight scales (it stores fp16 ones)")
+        if self.container == "gguf" and cfg.rotate:
+            problems.append("an online Hadamard on the FFN's down projection input, which llama.cpp cannot run")
         return problems
 
     def check_config(self, cfg: QuantConfig, flags: list[str] | None = None) -> None:
@@ -73,7 +83,15 @@ class Profile:
             fields["group_size"] = (fitting or self.block_sizes)[-1]
         if self.symmetric_only:
             fields["w_symmetric"] = True
+        if self.activation_blocks is not None:
+            fields.update(a_group_size=self.activation_blocks, w_fp16_scales=self.fp16_scales)
+        if self.container == "gguf":
+            fields["rotate"] = False
         return fields
+
+
+def _blocks(size: int | None) -> str:
+    return "per-token" if size is None else f"per-block ({size} inputs)"
 
 
 def _words(values: tuple[int, ...]) -> str:
@@ -88,6 +106,33 @@ PROFILES = {
     "trt-w8a8": Profile("trt-w8a8", torch.float16, True, (8,), (8,), True, (None,), static_activations=True),
     "ort-w8a8": Profile("ort-w8a8", torch.float32, False, (8,), (8,), True, None, static_activations=True),
     "ort-fp32": Profile("ort-fp32", torch.float32, False, (), (), False, None, quantized=False),
+    # llama.cpp multiplies Q4_0 / Q8_0 weights by activations it quantizes to int8 in blocks of 32: W4A8, W8A8
+    "gguf-q4_0": Profile(
+        "gguf-q4_0",
+        torch.float32,
+        False,
+        (4,),
+        (8,),
+        True,
+        (32,),
+        container="gguf",
+        activation_blocks=32,
+        fp16_scales=True,
+    ),  # fmt: skip
+    "gguf-q8_0": Profile(
+        "gguf-q8_0",
+        torch.float32,
+        False,
+        (8,),
+        (8,),
+        True,
+        (32,),
+        container="gguf",
+        activation_blocks=32,
+        fp16_scales=True,
+    ),  # fmt: skip
+    "gguf-f16": Profile("gguf-f16", torch.float16, False, (), (), False, None, quantized=False, container="gguf"),
+    "gguf-f32": Profile("gguf-f32", torch.float32, False, (), (), False, None, quantized=False, container="gguf"),
 }
 
 

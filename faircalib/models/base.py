@@ -69,6 +69,20 @@ class RotationLayout:
     value_heads: int  # each value head serves query_heads // value_heads query heads (grouped-query attention)
 
 
+@dataclass(frozen=True)
+class GGUFLayout:
+    """What llama.cpp's loader for this family reads from a GGUF file besides the tensors (whose names follow
+    from the official checkpoint keys): its architecture, hyper-parameters and special tokens."""
+
+    arch: str  # general.architecture, e.g. "llada"
+    hparams: dict[str, int | float]  # context_length, embedding_length, block_count, feed_forward_length, ...
+    shift_logits: bool  # the logits at j - 1 decide position j (llama.cpp's diffusion.shift_logits)
+    # block-relative weights whose output rows llama.cpp's rotary embedding reads as adjacent pairs, where the
+    # checkpoint splits them in halves, with their head counts: their rows are reordered on export
+    rope_pairs: dict[str, int]
+    special_tokens: dict[str, int]  # eos, mask, pad, eot ... token ids
+
+
 class Denoiser(nn.Module, ABC):
     """A bidirectional transformer that maps token ids [B, L] to logits [B, L, V]."""
 
@@ -122,6 +136,10 @@ class Denoiser(nn.Module, ABC):
 
     def rotation_layout(self) -> RotationLayout | None:
         """None for families whose blocks an orthogonal rotation does not commute with (post-LN)."""
+        return None
+
+    def gguf_layout(self) -> GGUFLayout | None:
+        """None for families llama.cpp has no loader for."""
         return None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

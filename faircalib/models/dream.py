@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from faircalib.errors import CheckpointError
-from faircalib.models.base import BlockContext, DenoiserSpec, NativeDenoiser, RotationLayout
+from faircalib.models.base import BlockContext, DenoiserSpec, GGUFLayout, NativeDenoiser, RotationLayout
 from faircalib.models.checkpoint import config_field
 from faircalib.models.layers import (
     RMSNorm,
@@ -210,3 +210,14 @@ class Dream(NativeDenoiser):
             query_heads=self.config.num_attention_heads,
             value_heads=self.config.num_key_value_heads,
         )
+
+    def gguf_layout(self) -> GGUFLayout:
+        cfg = self.config
+        hparams = {
+            "context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
+            "block_count": cfg.num_hidden_layers, "feed_forward_length": cfg.intermediate_size,
+            "head_count": cfg.num_attention_heads, "head_count_kv": cfg.num_key_value_heads,
+            "rope_freq_base": cfg.rope_theta, "layer_norm_rms_eps": cfg.rms_norm_eps,
+        }  # fmt: skip
+        tokens = {"eos": cfg.eos_token_id, "mask": cfg.mask_token_id, "pad": cfg.pad_token_id, "bos": cfg.bos_token_id}
+        return GGUFLayout("dream", hparams, True, {}, {k: v for k, v in tokens.items() if v is not None})

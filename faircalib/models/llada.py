@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from faircalib.errors import CheckpointError
-from faircalib.models.base import BlockContext, DenoiserSpec, NativeDenoiser, RotationLayout
+from faircalib.models.base import BlockContext, DenoiserSpec, GGUFLayout, NativeDenoiser, RotationLayout
 from faircalib.models.checkpoint import config_field
 from faircalib.models.layers import (
     RMSNorm,
@@ -208,3 +208,14 @@ class LLaDA(NativeDenoiser):
             query_heads=self.config.n_heads,
             value_heads=self.config.n_kv_heads,
         )
+
+    def gguf_layout(self) -> GGUFLayout:
+        cfg = self.config
+        hparams = {
+            "context_length": cfg.max_sequence_length, "embedding_length": cfg.d_model, "block_count": cfg.n_layers,
+            "feed_forward_length": cfg.mlp_hidden_size, "head_count": cfg.n_heads, "head_count_kv": cfg.n_kv_heads,
+            "rope_freq_base": cfg.rope_theta, "layer_norm_rms_eps": cfg.rms_norm_eps,
+        }  # fmt: skip
+        tokens = {"eos": cfg.eos_token_id, "mask": cfg.mask_token_id, "eot": cfg.eot_token_id}
+        pairs = {"q_proj.weight": cfg.n_heads, "k_proj.weight": cfg.n_kv_heads}  # llama.cpp's "normal" rope
+        return GGUFLayout("llada", hparams, False, pairs, {k: v for k, v in tokens.items() if v is not None})

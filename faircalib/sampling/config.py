@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 from faircalib.errors import ConfigError
 
-Remasking = Literal["low_confidence", "random"]
+Remasking = Literal["low_confidence", "random", "left_to_right"]
 DreamAlg = Literal["origin", "maskgit_plus", "topk_margin", "entropy"]
-REMASKING = ("low_confidence", "random")
+REMASKING = ("low_confidence", "random", "left_to_right")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 

@@ -2,8 +2,9 @@
 
 The generated region starts fully masked and is split into blocks decoded left to right. Within the
 open block, each step predicts every masked token (Gumbel-max in float64 at temperature > 0), scores
-it (its softmax probability, or uniform noise for 'random' remasking) and commits the best
-``commit`` positions. Committed tokens are never remasked; positions past the block stay masked.
+it (its softmax probability, uniform noise for 'random' remasking, or its position for 'left_to_right', the
+order llama.cpp's diffusion CLI commits in when its tokens are greedy) and commits the best ``commit``
+positions. Committed tokens are never remasked; positions past the block stay masked.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def llada_decide(
     x0 = gumbel_argmax(logits, sampling.temperature, generator)
     if sampling.remasking == "low_confidence":
         confidence = torch.softmax(logits, dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    elif sampling.remasking == "left_to_right":
+        confidence = -torch.arange(x0.shape[1], device=x0.device, dtype=logits.dtype).expand(x0.shape)
     else:
         confidence = torch.rand(x0.shape, generator=generator, device=x0.device).to(logits.dtype)
     if sampling.confidence_eos_eot_inf:

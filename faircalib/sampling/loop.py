@@ -49,7 +49,7 @@ def is_deterministic(sampling: Sampling) -> bool:
     if sampling.temperature > 0:
         return False
     if isinstance(sampling, LLaDASampling):
-        return sampling.remasking == "low_confidence"
+        return sampling.remasking != "random"
     return sampling.alg != "origin" and not sampling.alg_temp
 
 
