@@ -98,12 +98,14 @@ def export(
     *,
     sampling: Sampling | None = None,
     overwrite: bool = False,
+    parity: dict | None = None,
 ) -> Path:
     """Write the deployable bundle of ``artifact``'s student of ``model`` for ``profile`` (e.g. "ort-w4a4",
     "trt-w4a16", "gguf-q4_0"; no artifact for "ort-fp32" and "gguf-f16", the full-precision model): model.onnx
-    or model.gguf, schedule.json, tokenizer files, manifest. ``model`` is left as it is."""
+    or model.gguf, schedule.json, tokenizer files, manifest (with ``parity``, the summary the student was gated on,
+    if given). ``model`` is left as it is."""
     writer = export_gguf if PROFILES.get(profile) and PROFILES[profile].container == "gguf" else export_bundle
-    return writer(model, artifact, profile, out, sampling=sampling, overwrite=overwrite)
+    return writer(model, artifact, profile, out, sampling=sampling, overwrite=overwrite, parity=parity)
 
 
 def parity(

@@ -141,3 +141,23 @@ def test_calibrate_rejects_bad_config(capsys, tiny_dirs, bert_prompts, tmp_path)
         "--wbits", "5", "--out", str(tmp_path / "a"),
     )  # fmt: skip
     assert code == 2 and "weight bits must be" in err
+
+
+def test_parity_gate_exit_codes_and_the_bundle_records_what_it_passed(capsys, tiny_dirs, bert_artifact, bert_prompts,
+                                                                      tmp_path):  # fmt: skip
+    argv = ["parity", "--model", str(tiny_dirs["bert"]), "--artifact", str(bert_artifact), "--prompts",
+            str(bert_prompts), "--json", "--quiet"]  # fmt: skip
+    assert main([*argv, "--gate", "frontier_flip_rate<=1,exact_match>=0"]) == 0
+    passed = capsys.readouterr().out
+    assert json.loads(passed)["gate"] == {"rules": "frontier_flip_rate<=1,exact_match>=0", "passed": True,
+                                          "failures": []}  # fmt: skip
+    assert main([*argv, "--gate", "exact_match>=1.01"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("faircalib: gate failed: exact_match") == 1 and "is not >= 1.01" in err
+    assert main([*argv, "--gate", "exact_match=1"]) == 2  # malformed: refused before any work
+    (tmp_path / "report.json").write_text(passed)
+    export = ["export", "--model", str(tiny_dirs["bert"]), "--artifact", str(bert_artifact), "--profile", "ort-w4a16"]
+    assert main([*export, "--out", str(tmp_path / "bundle"), "--parity-report", str(tmp_path / "report.json")]) == 0
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["parity"]["gate"]["passed"] and "curves" not in manifest["parity"]
+    assert manifest["parity"]["frontier_flip_rate"] == json.loads(passed)["frontier_flip_rate"]

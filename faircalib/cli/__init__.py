@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="committed positions masked again per row and step to estimate the post-commit metrics: "
                      "more costs forwards and lowers their noise (default: 4)")  # fmt: skip
     par.add_argument("--json", action="store_true", help="print the whole report, curves included, as JSON")
+    par.add_argument("--gate", help="ship gate, e.g. \"frontier_flip_rate<=0.03,exact_match>=0.2\": exit 1 with a line "
+                     "per metric that misses (default: none)")  # fmt: skip
     add_quiet(par)
     add_sampling_args(par)
     par.set_defaults(run=measure.cmd_parity)
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     exp.add_argument("--overwrite", **overwrite)
     exp.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
+    exp.add_argument("--parity-report", type=Path, help="a `parity --json` report to record in the bundle's "
+                     "manifest, with the gate it passed (default: none)")  # fmt: skip
     add_sampling_args(exp)
     exp.set_defaults(run=commands.cmd_export)
 

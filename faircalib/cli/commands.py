@@ -188,9 +188,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     sampling = None
     if any(getattr(args, name) is not None for name in ("gen_length", "block_length", "steps", "temperature")):
         sampling = sampling_from_args(args, model.spec, artifact.sampling() if artifact is not None else None)
-    out = export(model, artifact, args.profile, args.out, sampling=sampling, overwrite=args.overwrite)
+    parity = gated_parity(args.parity_report, args.artifact) if args.parity_report is not None else None
+    out = export(model, artifact, args.profile, args.out, sampling=sampling, overwrite=args.overwrite, parity=parity)
     print(f"wrote {out} ({args.profile})", file=sys.stderr)
     return 0
+
+
+def gated_parity(path: Path, artifact: Path | None) -> dict:
+    """The summary of a ``parity --json`` report (its rates and gate, not its curves) for a bundle's manifest."""
+    from faircalib.models.checkpoint import read_json_object
+
+    if not path.is_file():
+        raise ConfigError(f"parity report not found: {path}")
+    report = read_json_object(path)
+    measured = report.get("artifact")
+    if artifact is not None and measured is not None and Path(measured).resolve() != artifact.resolve():
+        raise ConfigError(f"{path} measured the artifact {measured}, not {artifact}")
+    return {k: v for k, v in report.items() if k not in ("curves", "vs_fake_quant") and not isinstance(v, list)}
 
 
 def cmd_check_onnx(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 
 from faircalib.cli.commands import load_model, model_path, pick_device, sampling_from_args, student_backend
 from faircalib.errors import ConfigError
@@ -69,7 +70,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from faircalib.data import evaluation_data
     from faircalib.progress import progress
     from faircalib.sampling import record_runs
-    from faircalib.sampling.parity import decision_agreement, parity_report
+    from faircalib.sampling.parity import check_gate, decision_agreement, parity_report
+
+    if args.gate is not None:
+        check_gate({}, args.gate)  # a malformed gate fails before any work
 
     teacher, tokenizer = load_model(args)
     student, artifact, base = student_of(args, teacher)
@@ -90,8 +94,13 @@ def cmd_parity(args: argparse.Namespace) -> int:
         if args.backend != "torch":  # the exported student against the PyTorch one it was exported from
             fake_quant = artifact.apply(copy.deepcopy(teacher))
             report["vs_fake_quant"] = decision_agreement(student, fake_quant, references, sampling, spec)
+    failures = check_gate(report, args.gate) if args.gate is not None else []
+    if args.gate is not None:
+        report["gate"] = {"rules": args.gate, "passed": not failures, "failures": failures}
     print(json.dumps(report) if args.json else parity_table(report))
-    return 0
+    for line in failures:
+        print(f"faircalib: gate failed: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_latency(args: argparse.Namespace) -> int:

@@ -127,6 +127,7 @@ def export_gguf(
     *,
     sampling: Sampling | None = None,
     overwrite: bool = False,
+    parity: dict | None = None,
 ) -> Path:
     """Write the bundle ``out/``: model.gguf, schedule.json, the tokenizer files and manifest.json, all at once
     or not at all. ``model`` (left as it is) is the full-precision checkpoint; ``artifact`` the student to export
@@ -155,7 +156,7 @@ def export_gguf(
         described = None if artifact is None else {"method": artifact.config.method, "format": artifact.config.format,
                                                    "path": str(artifact.path) if artifact.path else None}  # fmt: skip
         write_json_atomic(staging / MANIFEST, {
-            OWNER_KEY: __version__, "profile": prof.name, "model": made_from, "artifact": described,
+            OWNER_KEY: __version__, "profile": prof.name, "parity": parity, "model": made_from, "artifact": described,
             "gguf": {"architecture": layout.arch, "tensor_types": tensor_types(prof.name)},
         })  # fmt: skip
     return out

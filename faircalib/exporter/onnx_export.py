@@ -82,6 +82,7 @@ def export_bundle(
     sampling: Sampling | None = None,
     opset: int = OPSET,
     overwrite: bool = False,
+    parity: dict | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> Path:
     """Write the bundle ``out/``: model.onnx (+ model.onnx.data when large), schedule.json, the tokenizer files
@@ -121,7 +122,7 @@ def export_bundle(
         if described is not None and artifact.path is not None:
             described["path"] = str(artifact.path)
         write_json_atomic(staging / MANIFEST, {
-            OWNER_KEY: __version__, "profile": prof.name, "opset": opset, "external_data": external,
+            OWNER_KEY: __version__, "profile": prof.name, "parity": parity, "opset": opset, "external_data": external,
             "model": made_from, "artifact": described, "inputs": {"input_ids": ["batch", "seq"]},
             "outputs": {"logits": ["batch", "seq", model.spec.vocab_size]},
         })  # fmt: skip

@@ -4,6 +4,7 @@ student (a fake-quant model, an ONNX Runtime or TensorRT backend), pooled into t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -129,3 +130,39 @@ def parity_report(
         report["masked_nll_q"] = masked_nll(student, windows, spec)
     report["sampling"] = sampling.to_json_dict()
     return report
+
+
+@dataclass(frozen=True)
+class GateRule:
+    metric: str
+    bound: str  # "<=" or ">="
+    value: float
+
+    def failure(self, report: dict) -> str | None:
+        """None when ``report`` keeps to the rule, else one line saying by how much it misses."""
+        got = report.get(self.metric)
+        if not isinstance(got, (int, float)) or got != got:  # absent, or NaN
+            return f"{self.metric} is not in the report"
+        if (got <= self.value) if self.bound == "<=" else (got >= self.value):
+            return None
+        return f"{self.metric} {got:.4f} is not {self.bound} {self.value:g} (off by {abs(got - self.value):.4f})"
+
+
+def parse_gate(spec: str) -> list[GateRule]:
+    """``"frontier_flip_rate<=0.03,task_accuracy>=0.8"`` -> its rules; a malformed rule is a ConfigError."""
+    rules = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        bound = "<=" if "<=" in part else ">=" if ">=" in part else None
+        name, _, value = part.partition(bound) if bound else (part, "", "")
+        try:
+            rules.append(GateRule(name.strip(), bound, float(value)))
+        except (TypeError, ValueError):
+            raise ConfigError(f"a gate rule is METRIC<=VALUE or METRIC>=VALUE; got {part}") from None
+    if not rules:
+        raise ConfigError("the gate has no rules")
+    return rules
+
+
+def check_gate(report: dict, spec: str) -> list[str]:
+    """The failures of ``report`` against the gate ``spec``, one line each (empty: it passes)."""
+    return [line for rule in parse_gate(spec) if (line := rule.failure(report)) is not None]

@@ -1,5 +1,7 @@
 """Parity of a student against the teacher's recorded runs."""
 
+import pytest
+
 from faircalib.models.tiny import tiny_denoiser
 from faircalib.sampling import LLaDASampling, record_runs
 from faircalib.sampling.parity import evaluate_parity, teacher_post_commit_mismatch
@@ -16,3 +18,21 @@ def test_the_teacher_against_itself_scores_its_own_post_commit_level():
     assert summary["frontier_flip_rate"] == 0 and summary["post_commit_mismatch"] == own
     assert summary["post_commit_mismatch_forced"] == own
     assert 0 < own < 1
+
+
+def test_a_gate_names_each_metric_that_misses_and_by_how_much():
+    from faircalib.errors import ConfigError
+    from faircalib.sampling.parity import check_gate
+
+    report = {"frontier_flip_rate": 0.041, "exact_match": 0.9, "frontier_write_error": float("nan")}
+    assert check_gate(report, "frontier_flip_rate<=0.05, exact_match>=0.8") == []
+    assert check_gate(report, "frontier_flip_rate<=0.03,exact_match>=0.95") == [
+        "frontier_flip_rate 0.0410 is not <= 0.03 (off by 0.0110)",
+        "exact_match 0.9000 is not >= 0.95 (off by 0.0500)",
+    ]
+    assert check_gate(report, "frontier_write_error<=1,task_accuracy>=0.8") == [
+        "frontier_write_error is not in the report", "task_accuracy is not in the report",
+    ]  # fmt: skip
+    for bad in ("frontier_flip_rate<0.03", "frontier_flip_rate<=x", ""):
+        with pytest.raises(ConfigError):
+            check_gate(report, bad)
