@@ -3,6 +3,8 @@ the bundled model was trained beside (calibration and evaluation never see its t
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from faircalib.models.tokenizer import encode_prompt
 from faircalib.zoo import wiki
 
 DEFAULT_PROMPT_TOKENS = 16
+TASK_FILE = "task.json"  # in a task model's directory: which task it solves
 
 
 def read_lines(path: Path) -> list[str]:
@@ -50,14 +53,43 @@ class PromptData:
     prompts: list[list[int]]
     text_windows: torch.Tensor | None  # [N, prompt + gen] plain text (text calibration, masked NLL)
     description: dict[str, Any]
+    judge: Callable[[list[int], list[int]], bool] | None = None  # (prompt ids, generated ids) -> right answer?
+
+
+def task_of(model_dir: Path | None) -> dict[str, Any] | None:
+    """The task a bundled task model solves (its task.json), or None for a language model."""
+    path = Path(model_dir) / TASK_FILE if model_dir is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def task_data(tokenizer: Any, task: dict[str, Any], n: int, split: str, offset: int = 0) -> PromptData:
+    """Problems ``offset`` to ``offset + n`` of a task model's ``split`` ("calib" or "eval"), with a judge of the
+    answers written."""
+    from faircalib.zoo import tasks
+
+    if split == "eval":
+        problems = tasks.held_out_problems(offset + n, task["training_problems"])[offset:]
+    else:
+        problems = tasks.calibration_problems(offset + n)[offset:]
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    by_prompt = {tuple(ids): p for ids, p in zip(prompts, problems, strict=True)}
+
+    def judge(prompt: list[int], generated: list[int]) -> bool:
+        return tasks.verify(by_prompt[tuple(prompt)], tokenizer.decode(generated, skip_special_tokens=True))
+
+    description = {"source": f"{tasks.TASK} {split} problems {offset} to {offset + n}", "problems": n}
+    return PromptData(prompts, None, description, judge)
 
 
 def calibration_data(
-    tokenizer: Any, n: int, prompt_tokens: int | None, gen_length: int, path: Path | None, text: bool
-) -> PromptData:
+    tokenizer: Any, n: int, prompt_tokens: int | None, gen_length: int, path: Path | None, text: bool,
+    task: dict[str, Any] | None = None,
+) -> PromptData:  # fmt: skip
     """``n`` calibration prompts of ``prompt_tokens`` (from ``path``, else the Wikipedia calib split) and, for
     ``text`` calibration, windows of ``prompt_tokens + gen_length`` tokens of the same text."""
     length = (prompt_tokens or DEFAULT_PROMPT_TOKENS) + gen_length
+    if path is None and task is not None and not text:
+        return task_data(tokenizer, task, n, "calib")
     if path is None:
         if tokenizer is None:
             raise ConfigError("this model has no tokenizer: pass --calib-prompts with prompts it can read")
@@ -76,9 +108,13 @@ def calibration_data(
 
 
 def evaluation_data(
-    tokenizer: Any, n: int, prompt_tokens: int | None, gen_length: int, path: Path | None
-) -> PromptData:
-    """``n`` held-out prompts (from ``path``, else the Wikipedia eval split, with masked-NLL windows)."""
+    tokenizer: Any, n: int, prompt_tokens: int | None, gen_length: int, path: Path | None,
+    task: dict[str, Any] | None = None,
+) -> PromptData:  # fmt: skip
+    """``n`` held-out prompts (from ``path``; else a task model's held-out problems, with their judge; else the
+    Wikipedia eval split, with masked-NLL windows)."""
+    if path is None and task is not None:
+        return task_data(tokenizer, task, n, "eval")
     if path is not None:
         return PromptData(read_prompt_file(path, tokenizer, n, prompt_tokens), None, {"source": str(path)})
     if tokenizer is None:

@@ -7,7 +7,7 @@ from statistics import mean, stdev
 
 from faircalib.sampling.metrics import PARITY_METRICS
 
-METRICS = (*PARITY_METRICS, "masked_nll_q")
+METRICS = (*PARITY_METRICS, "masked_nll_q", "task_accuracy")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -33,7 +33,8 @@ def markdown_table(summary: list[dict], cfg, teacher_post_commit: float | None =
     lines = [
         f"Model `{cfg.model}`; {cfg.n_eval_prompts} eval prompts of {cfg.prompt_tokens} tokens "
         f"(up to {cfg.eval_windows_per_article} per article); schedule gen "
-        f"{cfg.gen_length} / block {cfg.block_length} / {cfg.steps} steps; seeds {list(cfg.seeds)} (mean +- std).",
+        f"{cfg.sampling().gen_length} / block {cfg.sampling().block_length} / {cfg.sampling().steps} steps; "
+        f"seeds {list(cfg.seeds)} (mean +- std).",
     ]
     if teacher_post_commit is not None:
         lines.append(

@@ -23,7 +23,7 @@ from typing import Any
 from faircalib.bench.report import METRICS, flip_curve_svg, markdown_table, summarise
 from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.config import FORMATS, METHODS, QuantConfig, preset
-from faircalib.data import PromptData, calibration_data
+from faircalib.data import PromptData, calibration_data, task_data, task_of
 from faircalib.errors import ConfigError
 from faircalib.models import load_denoiser, load_tokenizer
 from faircalib.models.tokenizer import encode_prompt
@@ -45,9 +45,9 @@ class BenchConfig:
     eval_windows_per_article: int = 1
     n_nll_windows: int | None = None  # masked-NLL windows (prompt + generation long); None: n_eval_prompts
     prompt_tokens: int = 16
-    gen_length: int = 32
-    block_length: int = 8
-    steps: int = 32
+    gen_length: int | None = None  # None: the model's task schedule, else 32
+    block_length: int | None = None  # None: as gen_length's default, else 8
+    steps: int | None = None  # None: as gen_length's default, else 32
     post_commit_probes: int = 4  # committed positions probed per row and step for the post-commit metrics
     out: str = "runs/bench"
     overrides: tuple[str, ...] = ()  # QuantConfig fields as FIELD=VALUE (JSON values), for every run
@@ -66,7 +66,11 @@ class BenchConfig:
         parse_overrides(self.overrides)
 
     def sampling(self) -> LLaDASampling:
-        return LLaDASampling(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps)
+        """The schedule given, else a task model's own (its task.json), else gen 32 / blocks of 8 / 32 steps."""
+        task = task_of(Path(self.model)) or {}
+        lengths = {**dict(gen_length=32, block_length=8, steps=32), **task.get("sampling", {})}
+        given = {k: getattr(self, k) for k in ("gen_length", "block_length", "steps") if getattr(self, k) is not None}
+        return LLaDASampling(**{**lengths, **given})
 
 
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -122,20 +126,30 @@ class Evaluation:
     prompts: list[list[int]]
     references: list
     nll_windows: Any
-    nll_fp: float
+    nll_fp: float | None
     post_commit: float
+    judge: Any = None  # a task model's verifier of answers
 
 
 def evaluation(cfg: BenchConfig) -> Evaluation:
+    """The held-out prompts (a task model's problems, or the Wikipedia eval split with masked-NLL windows) and
+    the teacher's runs on them."""
     teacher = load_denoiser(cfg.model)
     tokenizer = load_tokenizer(Path(cfg.model))
-    prompts = wiki.prompt_ids(tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens, cfg.eval_windows_per_article)
-    n_nll = cfg.n_eval_prompts if cfg.n_nll_windows is None else cfg.n_nll_windows
-    windows = wiki.text_windows(tokenizer, "eval", n_nll, cfg.prompt_tokens + cfg.gen_length)
+    task, windows, nll_fp, judge = task_of(Path(cfg.model)), None, None, None
+    if task is not None:
+        data = task_data(tokenizer, task, cfg.n_eval_prompts, "eval")
+        prompts, judge = data.prompts, data.judge
+    else:
+        prompts = wiki.prompt_ids(tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens,
+                                  cfg.eval_windows_per_article)  # fmt: skip
+        n_nll = cfg.n_eval_prompts if cfg.n_nll_windows is None else cfg.n_nll_windows
+        windows = wiki.text_windows(tokenizer, "eval", n_nll, cfg.prompt_tokens + cfg.sampling().gen_length)
+        nll_fp = masked_nll(teacher, windows, teacher.spec)
     references = record_runs(teacher, prompts, cfg.sampling(), teacher.spec)
     post_commit = teacher_post_commit_mismatch(teacher, references, cfg.sampling(), teacher.spec,
                                                cfg.post_commit_probes)  # fmt: skip
-    return Evaluation(teacher, prompts, references, windows, masked_nll(teacher, windows, teacher.spec), post_commit)
+    return Evaluation(teacher, prompts, references, windows, nll_fp, post_commit, judge)
 
 
 def measure(cfg: BenchConfig, ev: Evaluation, artifact_dir: Path) -> dict:
@@ -145,24 +159,28 @@ def measure(cfg: BenchConfig, ev: Evaluation, artifact_dir: Path) -> dict:
     report = parity_report(
         ev.teacher, student, ev.prompts, cfg.sampling(), ev.teacher.spec, references=ev.references,
         nll_windows=ev.nll_windows, nll_fp=ev.nll_fp, teacher_post_commit=ev.post_commit,
-        post_commit_probes=cfg.post_commit_probes,
+        post_commit_probes=cfg.post_commit_probes, judge=ev.judge,
     )  # fmt: skip
-    row = {k: report[k] for k in METRICS}
+    row = {k: report.get(k) for k in (*METRICS, "task_accuracy", "task_accuracy_teacher")}
     # the child's own high-water mark: a child's rusage also counts the (large) parent it came from
-    row.update(masked_nll_fp=report["masked_nll_fp"], peak_rss_mb=loaded.manifest["peak_memory_mb"])
+    row.update(masked_nll_fp=report.get("masked_nll_fp"), peak_rss_mb=loaded.manifest["peak_memory_mb"])
     row["flip_curve"] = report["curves"]["frontier_flip_rate"]
     return row
 
 
 def seed_data(cfg: BenchConfig, seed: int, texts: list[str], text: bool) -> PromptData:
-    """Calibration seed ``seed``'s slice of the calibration split, written down beside the results."""
+    """Calibration seed ``seed``'s slice of the calibration split (a task model's calibration problems, or
+    Wikipedia articles, written down beside the results)."""
+    tokenizer = load_tokenizer(Path(cfg.model))
+    task = task_of(Path(cfg.model))
+    if task is not None:
+        return task_data(tokenizer, task, cfg.n_calib_prompts, "calib", offset=seed * cfg.n_calib_prompts)
     chunk = texts[seed * cfg.n_calib_prompts : (seed + 1) * cfg.n_calib_prompts]
     if len(chunk) < cfg.n_calib_prompts:
         raise ConfigError(f"the calibration split has too few articles for seed {seed}")
     path = Path(cfg.out) / f"calib_prompts_seed{seed}.txt"
     path.write_text("\n".join(chunk) + "\n")
-    tokenizer = load_tokenizer(Path(cfg.model))
-    return calibration_data(tokenizer, cfg.n_calib_prompts, cfg.prompt_tokens, cfg.gen_length, path, text)
+    return calibration_data(tokenizer, cfg.n_calib_prompts, cfg.prompt_tokens, cfg.sampling().gen_length, path, text)
 
 
 def run_bench(cfg: BenchConfig) -> dict:

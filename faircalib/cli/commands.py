@@ -49,9 +49,14 @@ _DREAM_ONLY = ("alg", "alg_temp", "top_p", "top_k", "eps")
 
 
 def sampling_from_args(args: argparse.Namespace, spec, base=None):
-    """The family's sampling config (``base``, else the reference defaults) updated by the flags that were
-    given; flags of the other family's sampler are rejected."""
+    """The family's sampling config (``base``, else a task model's own schedule, else the reference defaults)
+    updated by the flags that were given; flags of the other family's sampler are rejected."""
+    from faircalib.data import task_of
     from faircalib.sampling import default_sampling
+
+    task = task_of(model_path(args)) if base is None and hasattr(args, "model") else None
+    if task is not None:
+        base = default_sampling(spec, **task["sampling"])
 
     foreign = _LLADA_ONLY if spec.sampler == "dream" else _DREAM_ONLY
     given_foreign = [f"--{name.replace('_', '-')}" for name in foreign if getattr(args, name) is not None]
@@ -156,14 +161,14 @@ def quant_config_from_args(args: argparse.Namespace, model):
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from faircalib.api import calibrate_to
-    from faircalib.data import calibration_data
+    from faircalib.data import calibration_data, task_of
     from faircalib.exporter.profiles import exportable_as
 
     model, tokenizer = load_model(args)
     cfg = quant_config_from_args(args, model)
     sampling = sampling_from_args(args, model.spec)
     data = calibration_data(tokenizer, cfg.n_prompts, args.prompt_tokens, sampling.gen_length, args.calib_prompts,
-                            text=cfg.states == "text")  # fmt: skip
+                            text=cfg.states == "text", task=task_of(model_path(args)))  # fmt: skip
     partial = args.out.with_name(args.out.name + ".partial")
     args.interrupted = f"what was finished is kept in {partial}: run the same command again to resume"
     artifact = calibrate_to(args.out, model, cfg, data.prompts, sampling, text_windows=data.text_windows,

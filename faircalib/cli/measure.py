@@ -13,6 +13,7 @@ from faircalib.errors import ConfigError
 
 # metric -> (the teacher's own level, which way is better): what the table prints beside each figure
 DIRECTIONS = {
+    "task_accuracy": ("task", "higher"),
     "frontier_flip_rate": ("0", "lower"),
     "commit_set_disagreement": ("0", "lower"),
     "frontier_write_error": ("0", "lower"),
@@ -32,9 +33,9 @@ def parity_table(report: dict) -> str:
         value = report.get("masked_nll_q" if name == "masked_nll" else name)
         if value is None:
             continue
-        teacher = {"teacher": report.get("post_commit_mismatch_teacher"), "nll": report.get("masked_nll_fp")}.get(
-            level, level
-        )
+        levels = {"teacher": report.get("post_commit_mismatch_teacher"), "nll": report.get("masked_nll_fp"),
+                  "task": report.get("task_accuracy_teacher")}  # fmt: skip
+        teacher = levels.get(level, level)
         teacher = f"{teacher:.4f}" if isinstance(teacher, float) else teacher
         shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else str(value)
         rows.append(f"{name:30s} {shown:>9s} {teacher:>9s}  {better}")
@@ -67,7 +68,7 @@ def student_of(args: argparse.Namespace, teacher):
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from faircalib.data import evaluation_data
+    from faircalib.data import evaluation_data, task_of
     from faircalib.progress import progress
     from faircalib.sampling import record_runs
     from faircalib.sampling.parity import check_gate, decision_agreement, parity_report
@@ -78,7 +79,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
     teacher, tokenizer = load_model(args)
     student, artifact, base = student_of(args, teacher)
     sampling = sampling_from_args(args, teacher.spec, base)
-    data = evaluation_data(tokenizer, args.n_prompts, args.prompt_tokens, sampling.gen_length, args.prompts)
+    task = task_of(model_path(args))
+    data = evaluation_data(tokenizer, args.n_prompts, args.prompt_tokens, sampling.gen_length, args.prompts, task)
     spec, device, n = teacher.spec, teacher.device, len(data.prompts)
     with progress(n, "parity: teacher", "prompt", args.quiet, fractional=True) as bar:
         references = record_runs(teacher, data.prompts, sampling, spec, batch_size=args.batch_size, device=device,
@@ -86,7 +88,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     with progress(n, "parity: student", "prompt", args.quiet, fractional=True) as bar:
         report = parity_report(
             teacher, student, data.prompts, sampling, spec, references=references, nll_windows=data.text_windows,
-            post_commit_probes=args.post_commit_probes, device=device, on_progress=bar.update,
+            post_commit_probes=args.post_commit_probes, device=device, on_progress=bar.update, judge=data.judge,
         )  # fmt: skip
     report["backend"] = args.backend
     if artifact is not None:

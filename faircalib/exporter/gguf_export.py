@@ -10,28 +10,22 @@ F32), norms and biases F32.
 
 from __future__ import annotations
 
-import copy
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from faircalib import __version__
-from faircalib.calib.artifact import QuantArtifact, model_fingerprint
+from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.linear import QuantizedWeight, QuantLinear
 from faircalib.errors import ConfigError
-from faircalib.exporter.profiles import profile
-from faircalib.exporter.schedule_file import SCHEDULE_FILE, write_schedule
+from faircalib.exporter.bundle import bundle_files, prepare, write_bundle
 from faircalib.exporter.vocab import gguf_vocabulary
-from faircalib.files import MANIFEST, OWNER_KEY, check_output_dir, staged_dir, write_json_atomic
 from faircalib.models.base import Denoiser, GGUFLayout
-from faircalib.sampling import Sampling, default_sampling
+from faircalib.sampling import Sampling
 
 GGUF_FILE = "model.gguf"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-BUNDLE_FILES = (GGUF_FILE, SCHEDULE_FILE, MANIFEST, *TOKENIZER_FILES)
+BUNDLE_FILES = bundle_files(GGUF_FILE)
 
 
 def pack_q4_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
@@ -131,35 +125,18 @@ def export_gguf(
 ) -> Path:
     """Write the bundle ``out/``: model.gguf, schedule.json, the tokenizer files and manifest.json, all at once
     or not at all. ``model`` (left as it is) is the full-precision checkpoint; ``artifact`` the student to export
-    (None for gguf-f16, the full-precision model)."""
-    out, prof = Path(out), profile(profile_name)
-    if prof.container != "gguf":
-        raise ConfigError(f"profile {prof.name} exports ONNX, not GGUF")
-    prof.check(artifact)
+    (None for gguf-f16 and gguf-f32, the full-precision model)."""
+    job = prepare(model, artifact, profile_name, "gguf", sampling)
     layout = model.gguf_layout()
     if layout is None:
         raise ConfigError(f"llama.cpp has no loader for {model.spec.family} models: GGUF export takes LLaDA or Dream")
-    check_output_dir(out, BUNDLE_FILES, overwrite)
-    source = model.source
-    student = model if artifact is None else artifact.apply(copy.deepcopy(model))
-    if artifact is not None and source is not None:
-        artifact.check_model(source)
-    sampling = sampling or (artifact.sampling() if artifact is not None else default_sampling(model.spec))
-    with staged_dir(out, BUNDLE_FILES, overwrite) as staging:
-        matrices = np.float32 if prof.name == "gguf-f32" else np.float16
-        write_gguf(staging / GGUF_FILE, student, layout, source, matrices)
-        write_schedule(staging, model.spec, sampling)
-        for name in TOKENIZER_FILES if source is not None else ():
-            if (Path(source) / name).is_file():
-                shutil.copy2(Path(source) / name, staging / name)
-        made_from = {"path": str(source), "fingerprint": model_fingerprint(source) if source else None}
-        described = None if artifact is None else {"method": artifact.config.method, "format": artifact.config.format,
-                                                   "path": str(artifact.path) if artifact.path else None}  # fmt: skip
-        write_json_atomic(staging / MANIFEST, {
-            OWNER_KEY: __version__, "profile": prof.name, "parity": parity, "model": made_from, "artifact": described,
-            "gguf": {"architecture": layout.arch, "tensor_types": tensor_types(prof.name)},
-        })  # fmt: skip
-    return out
+
+    def write_model(staging: Path) -> dict:
+        matrices = np.float32 if job.prof.name == "gguf-f32" else np.float16
+        write_gguf(staging / GGUF_FILE, job.student, layout, model.source, matrices)
+        return {"gguf": {"architecture": layout.arch, "tensor_types": tensor_types(job.prof.name)}}
+
+    return write_bundle(Path(out), job, artifact, BUNDLE_FILES, overwrite, parity, write_model)
 
 
 def tensor_types(profile_name: str) -> dict[str, str]:

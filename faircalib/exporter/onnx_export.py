@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import warnings
 from pathlib import Path
 
@@ -22,21 +21,20 @@ import numpy as np
 import onnx
 import torch
 
-from faircalib import __version__
-from faircalib.calib.artifact import QuantArtifact, model_fingerprint
+from faircalib.calib.artifact import QuantArtifact
 from faircalib.errors import ConfigError
+from faircalib.exporter.bundle import bundle_files, prepare, write_bundle
 from faircalib.exporter.passes import (
     dedicated_activation_qdq,
     half_precision_activation_qdq,
     quantize_weight_initializers,
     quantized_layers,
 )
-from faircalib.exporter.profiles import OPSET, Profile, profile
-from faircalib.exporter.schedule_file import SCHEDULE_FILE, write_schedule
+from faircalib.exporter.profiles import OPSET, Profile
 from faircalib.exporter.trt_rules import check_tensorrt
-from faircalib.files import MANIFEST, OWNER_KEY, check_output_dir, staged_dir, write_json_atomic
+from faircalib.files import check_output_dir
 from faircalib.models.base import Denoiser
-from faircalib.sampling import Sampling, default_sampling
+from faircalib.sampling import Sampling
 
 
 def export_student(student: Denoiser, prof: Profile, opset: int = OPSET) -> onnx.ModelProto:
@@ -66,11 +64,7 @@ def export_student(student: Denoiser, prof: Profile, opset: int = OPSET) -> onnx
 
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf cannot serialise 2 GB; leave headroom for the graph
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-    "tokenizer.model",
-)  # fmt: skip
-BUNDLE_FILES = ("model.onnx", "model.onnx.data", SCHEDULE_FILE, MANIFEST, *TOKENIZER_FILES)
+BUNDLE_FILES = bundle_files("model.onnx", "model.onnx.data")
 
 
 def export_bundle(
@@ -89,41 +83,22 @@ def export_bundle(
     and manifest.json, all at once or not at all. ``model`` is the full-precision checkpoint as loaded (it is
     left as it is); ``artifact`` the student to export (None for a full-precision profile); ``sampling`` the
     schedule to unroll (default: the artifact's, else the family's reference one)."""
-    out, prof = Path(out), profile(profile_name)
-    if prof.container != "onnx":
-        raise ConfigError(f"profile {prof.name} exports GGUF for llama.cpp, not ONNX")
-    prof.check(artifact)
-    check_output_dir(out, BUNDLE_FILES, overwrite)
-    source = getattr(model, "source", None)
-    if artifact is None:
-        student, made_from = model, {"path": str(source), "fingerprint": model_fingerprint(source) if source else None}
-        sampling = sampling or default_sampling(model.spec)
-    else:
-        if source is not None:
-            artifact.check_model(source)
-        sampling = sampling or artifact.sampling()
-        student, made_from = artifact.apply(copy.deepcopy(model)), artifact.manifest.get("model")
-    graph = export_student(student.to(prof.dtype), prof, opset)
-    if prof.tensorrt:
+    job = prepare(model, artifact, profile_name, "onnx", sampling)
+    check_output_dir(Path(out), BUNDLE_FILES, overwrite)
+    student = job.student if job.student is not model else copy.deepcopy(model)  # the profile's dtype, not the user's
+    graph = export_student(student.to(job.prof.dtype), job.prof, opset)
+    if job.prof.tensorrt:
         violations = check_tensorrt(graph)
         if violations:
-            raise ConfigError(f"the {prof.name} graph breaks TensorRT's quantization rules: {violations[0]}")
-    with staged_dir(out, BUNDLE_FILES, overwrite) as staging:
+            raise ConfigError(f"the {job.prof.name} graph breaks TensorRT's quantization rules: {violations[0]}")
+
+    def write_model(staging: Path) -> dict:
         external = graph.ByteSize() > external_data_threshold
         onnx.save_model(
             graph, str(staging / "model.onnx"), save_as_external_data=external, all_tensors_to_one_file=True,
             location="model.onnx.data", size_threshold=1024,
         )  # fmt: skip
-        write_schedule(staging, model.spec, sampling)
-        for name in TOKENIZER_FILES if source is not None else ():
-            if (Path(source) / name).is_file():
-                shutil.copy2(Path(source) / name, staging / name)
-        described = None if artifact is None else {"method": artifact.config.method, "format": artifact.config.format}
-        if described is not None and artifact.path is not None:
-            described["path"] = str(artifact.path)
-        write_json_atomic(staging / MANIFEST, {
-            OWNER_KEY: __version__, "profile": prof.name, "parity": parity, "opset": opset, "external_data": external,
-            "model": made_from, "artifact": described, "inputs": {"input_ids": ["batch", "seq"]},
-            "outputs": {"logits": ["batch", "seq", model.spec.vocab_size]},
-        })  # fmt: skip
-    return out
+        return {"opset": opset, "external_data": external, "inputs": {"input_ids": ["batch", "seq"]},
+                "outputs": {"logits": ["batch", "seq", model.spec.vocab_size]}}  # fmt: skip
+
+    return write_bundle(Path(out), job, artifact, BUNDLE_FILES, overwrite, parity, write_model)

@@ -17,6 +17,7 @@ before rates are taken.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -157,6 +158,10 @@ class ParityTally:
     differing_tokens: int = 0
     prompts: int = 0
     exact_prompts: int = 0
+    # (prompt ids, generated ids) -> whether the answer is right, for prompts that carry a verifier
+    judge: Callable[[list[int], list[int]], bool] | None = None
+    solved: int = 0
+    solved_teacher: int = 0
 
     @staticmethod
     def _add(into: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> None:
@@ -187,10 +192,21 @@ class ParityTally:
         self.differing_tokens += int(differs.sum())
         self.prompts += differs.shape[0]
         self.exact_prompts += int((~differs.any(dim=1)).sum())
+        if self.judge is not None:
+            prompts = teacher.tokens[:, : teacher.prompt_length].tolist()
+            self.solved += sum(map(self.judge, prompts, rollout.generated.tolist()))
+            self.solved_teacher += sum(map(self.judge, prompts, teacher.generated.tolist()))
 
     def summary(self) -> dict[str, object]:
         f, r, s = self.forced, self.free, self.forced_post_commit
+        task = {}
+        if self.judge is not None and self.prompts:
+            task = {
+                "task_accuracy": self.solved / self.prompts,
+                "task_accuracy_teacher": self.solved_teacher / self.prompts,
+            }
         return {
+            **task,
             "frontier_flip_rate": rate(f["flips"], f["teacher_commits"]),
             "commit_set_disagreement": rate(f["set_misses"], f["teacher_commits"]),
             "frontier_write_error": rate(f["write_errors"], f["student_commits"]),

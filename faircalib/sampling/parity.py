@@ -48,10 +48,12 @@ def evaluate_parity(
     spec: DenoiserSpec,
     on_progress: Callable[[float], None] | None = None,
     post_commit_probes: int = 1,
+    judge: Callable[[list[int], list[int]], bool] | None = None,
 ) -> ParityTally:
     """The student's recorded rollout of every reference batch, teacher-forced and free-running counts
-    pooled into one tally; ``on_progress(prompts)`` as the work on each batch goes on."""
-    tally = ParityTally()
+    pooled into one tally; ``on_progress(prompts)`` as the work on each batch goes on; ``judge(prompt ids,
+    generated ids)`` verifies answers, where the prompts carry a verifier."""
+    tally = ParityTally(judge=judge)
     for schedule, reference in references:
         prompt = reference.tokens[:, : reference.prompt_length]
         # a rollout, the teacher-forced pass and two post-commit passes of up to ``probes`` forwards a step
@@ -109,6 +111,7 @@ def parity_report(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     on_progress: Callable[[float], None] | None = None,
+    judge: Callable[[list[int], list[int]], bool] | None = None,
 ) -> dict:
     """Every parity metric (docs/DESIGN.md, "Metrics") of ``student`` against ``teacher`` on ``prompts``.
 
@@ -119,7 +122,7 @@ def parity_report(
     """
     if references is None:
         references = record_runs(teacher, prompts, sampling, spec, batch_size=batch_size, device=device)
-    tally = evaluate_parity(student, references, sampling, spec, on_progress, post_commit_probes)
+    tally = evaluate_parity(student, references, sampling, spec, on_progress, post_commit_probes, judge)
     report = tally.summary()
     if teacher_post_commit is None:
         teacher_post_commit = teacher_post_commit_mismatch(teacher, references, sampling, spec, post_commit_probes)
