@@ -57,15 +57,21 @@ def build_quantize_tool(work: Path) -> Path:
 
 
 def llama_cpp_own(teacher, work: Path, tool: Path) -> dict[str, Path]:
-    """llama.cpp's own Q4_0 and Q4_K_M of the teacher's F16 GGUF, each in a bundle of its own."""
-    f16 = export(teacher, None, "gguf-f16", work / "llama-f16", overwrite=True)
+    """llama.cpp's own Q4_0 and Q4_K_M of the teacher's F16 GGUF, each in a bundle of its own: as llama-quantize
+    makes them (token embedding in the base type, output in Q6_K), and with both kept F16 as ours are."""
+    f16 = work / "llama-f16"
+    if not (f16 / "model.gguf").is_file():
+        export(teacher, None, "gguf-f16", f16, overwrite=True)
     bundles = {"llama.cpp F16": f16}
     for kind in ("Q4_0", "Q4_K_M"):
-        bundle = work / f"llama-{kind.lower()}"
-        bundle.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(tool), str(f16 / "model.gguf"), str(bundle / "model.gguf"), kind], check=True,
-                       capture_output=True)  # fmt: skip
-        bundles[f"llama-quantize {kind}"] = bundle
+        for suffix, flags in (("", []), (" (F16 embedding, head)", ["--token-embedding-type", "f16",
+                                                                   "--output-tensor-type", "f16"])):  # fmt: skip
+            bundle = work / f"llama-{kind.lower()}{'-f16-ends' if flags else ''}"
+            bundle.mkdir(parents=True, exist_ok=True)
+            if not (bundle / "model.gguf").is_file():
+                subprocess.run([str(tool), *flags, str(f16 / "model.gguf"), str(bundle / "model.gguf"), kind],
+                               check=True, capture_output=True)  # fmt: skip
+            bundles[f"llama-quantize {kind}{suffix}"] = bundle
     return bundles
 
 
@@ -80,6 +86,9 @@ def our_students(teacher, cfg: BenchConfig, methods, seeds, work: Path) -> dict[
         for method in methods:
             qcfg = preset(method, seed=seed, n_prompts=cfg.n_calib_prompts, **fields)
             art = work / f"{method}-seed{seed}"
+            if (work / f"bundle-{art.name}" / "model.gguf").is_file():  # made by an earlier run
+                bundles[f"{method} Q4_0 seed {seed}"] = work / f"bundle-{art.name}"
+                continue
             artifact = calibrate_to(art, copy.deepcopy(teacher), qcfg, data.prompts, cfg.sampling(), overwrite=True,
                                     data_description=data.description)  # fmt: skip
             bundles[f"{method} Q4_0 seed {seed}"] = export(teacher, artifact, "gguf-q4_0", work / f"bundle-{art.name}",
@@ -88,9 +97,12 @@ def our_students(teacher, cfg: BenchConfig, methods, seeds, work: Path) -> dict[
 
 
 def parity_rows(cfg: BenchConfig, bundles: dict[str, Path], out: Path) -> list[dict]:
+    """Parity of every bundle in llama.cpp against the teacher; rows an earlier run measured are kept."""
     ev = evaluation(cfg)
-    rows = []
+    rows = json.loads((out / "parity.json").read_text())["rows"] if (out / "parity.json").is_file() else []
     for name, bundle in bundles.items():
+        if any(row["student"] == name for row in rows):
+            continue
         report = parity_report(
             ev.teacher, LlamaCppBackend(bundle, threads=1), ev.prompts, cfg.sampling(), ev.teacher.spec,
             references=ev.references, teacher_post_commit=ev.post_commit, post_commit_probes=cfg.post_commit_probes,
@@ -127,7 +139,7 @@ def latency_rows(teacher, work: Path, out: Path, repeats: int) -> list[dict]:
     for name, backend in backends.items():
         rows.append({"backend": name, **step_latency(backend, 1, 48, teacher.spec.vocab_size, repeats=repeats)})
         print(f"{name}: {rows[-1]['median_ms']:.2f} ms", flush=True)
-    (out / "latency.json").write_text(json.dumps(rows, indent=1))
+    (out / "latency.json").write_text(json.dumps({"rows": rows}, indent=1))
     return rows
 
 
@@ -148,6 +160,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["fair", "gptq", "rtn"])
     parser.add_argument("--n-eval", type=int, default=64, help="held-out prompts (default: 64, as the benchmark)")
     parser.add_argument("--repeats", type=int, default=30, help="timed forwards per backend (default: 30)")
+    parser.add_argument("--part", choices=("all", "parity", "latency"), default="all", help="what to measure")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -157,9 +170,12 @@ def main() -> None:
     teacher = load_denoiser(model_dir())
     bundles = llama_cpp_own(teacher, work, build_quantize_tool(work / "llama.cpp"))
     bundles.update(our_students(teacher, cfg, args.methods, args.seeds, work))
-    parity = parity_rows(cfg, bundles, args.out)
-    latency = latency_rows(teacher, work, args.out, args.repeats)
-    (args.out / "results.md").write_text(markdown(parity, latency))
+    if args.part in ("all", "parity"):
+        parity_rows(cfg, bundles, args.out)
+    if args.part in ("all", "latency"):
+        latency_rows(teacher, work, args.out, args.repeats)
+    read = lambda name, key: json.loads(p.read_text())[key] if (p := args.out / name).is_file() else []  # noqa: E731
+    (args.out / "results.md").write_text(markdown(read("parity.json", "rows"), read("latency.json", "rows")))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def find_vocab_txt(model_dir: Path) -> Path | None:
     return None
 
 
-def load_tokenizer(model_dir: Path) -> Any | None:
+def load_tokenizer(model_dir: str | Path) -> Any | None:
     """The directory's Hugging Face tokenizer, a BertTokenizer over a vocab.txt, or None if neither.
 
     Remote code is never run (no trust_remote_code): transformers then loads a tokenizer_config.json
@@ -27,6 +27,7 @@ def load_tokenizer(model_dir: Path) -> Any | None:
     """
     from transformers import AutoTokenizer, BertTokenizer
 
+    model_dir = Path(model_dir)
     if any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
         # transformers warns loudly about remote code and missing fast versions; the errors still raise.
         logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -18,7 +18,7 @@ from typing import Any
 from faircalib.errors import FaircalibError
 
 TASK = "mini_sudoku"
-GENERATOR = dict(min_empty=10, max_empty=12)  # 10 to 12 blanks of 16: fewer leave little to decide
+GENERATOR = dict(min_empty=12, max_empty=12)  # 12 blanks of 16, the most it makes: where the order of decisions matters
 TRAIN_SEED, HELD_OUT_SEED, CALIB_SEED = 0, 10**9, 2 * 10**9
 INSTALL_HINT = "pip install reasoning-gym==0.1.25"
 ANSWER_CHARS = 19  # four rows of four digits and three separators
@@ -61,9 +61,10 @@ def calibration_problems(n: int) -> list[Problem]:
     return [problem(dataset[i]) for i in range(n)]
 
 
-def held_out_problems(n: int, training_size: int) -> list[Problem]:
-    """``n`` held-out problems whose puzzles are not among the first ``training_size`` training ones."""
-    seen = _training_puzzles(training_size)
+def held_out_problems(n: int, training_size: int, seen: frozenset[str] | None = None) -> list[Problem]:
+    """``n`` held-out problems whose puzzles are not among the first ``training_size`` training ones (whose
+    prompts ``seen`` may give, when at hand)."""
+    seen = _training_puzzles(training_size) if seen is None else seen
     dataset, out, index = _dataset(HELD_OUT_SEED, 4 * n), [], 0
     while len(out) < n:
         candidate = problem(dataset[index])

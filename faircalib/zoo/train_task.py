@@ -33,11 +33,11 @@ GEN_LENGTH = tasks.ANSWER_CHARS + 1  # the answer and its end-of-text token
 
 @dataclass(frozen=True)
 class TaskTrainConfig:
-    d_model: int = 192
-    n_layers: int = 6
-    n_heads: int = 6
-    mlp_hidden_size: int = 512
-    pool: int = 200_000  # training problems generated once
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_hidden_size: int = 384
+    pool: int = 100_000  # training problems generated once
     batch_size: int = 128
     steps: int = 6000
     lr: float = 2e-3
@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = TaskTrainConfig(**{k: getattr(args, k) for k in asdict(TaskTrainConfig())})
     tokenizer = char_tokenizer()
-    data, prompt = encode(tokenizer, tasks.training_problems(cfg.pool))
-    held_out = tasks.held_out_problems(cfg.held_out, cfg.pool)
+    training = tasks.training_problems(cfg.pool)
+    data, prompt = encode(tokenizer, training)
+    held_out = tasks.held_out_problems(cfg.held_out, cfg.pool, frozenset(p.prompt for p in training))
     model = build(cfg, tokenizer, args.init_from)
     log = {"train_config": asdict(cfg), "parameters": sum(p.numel() for p in model.parameters()),
            "task": {"name": tasks.TASK, "generator": tasks.GENERATOR, "train_seed": tasks.TRAIN_SEED,
