@@ -196,7 +196,7 @@ def test_the_readme_tour_only_reads_what_it_made():
     for line in lines:
         words = line.replace("\\", " ").split()
         for flag, path in zip(words, words[1:], strict=False):
-            if flag in ("--artifact", "--onnx", "check-onnx") and path.startswith("runs/"):
+            if flag in ("--artifact", "--onnx", "--bundle", "check-onnx") and path.startswith("runs/"):
                 assert path.split("/model.onnx")[0] in made, f"{path} is read before the tour makes it: {line}"
             if flag == "--out":
                 made.add(path)
