@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -217,39 +218,50 @@ def main(argv: list[str] | None = None) -> None:
     write_model_card(args.out, log, greedy_samples(shipped, tokenizer))
 
 
-def train_loop(args, cfg: TrainConfig, model: LLaDA, tokenizer, train_stream, eval_windows, log: dict) -> None:
-    """AdamW on LLaDA's masked diffusion loss until the steps or the minutes run out; evaluated and saved every
-    ``--save-every`` steps and at the end."""
-    mask_id = tokenizer.convert_tokens_to_ids(MASK)
+def run_steps(args, cfg, model: LLaDA, loss_of: Callable, checkpoint: Callable[[int, float, float], None]) -> None:
+    """AdamW with ``lr_at``'s schedule on ``loss_of(generator)`` until the steps or the minutes run out;
+    ``checkpoint(steps done, running loss, minutes)`` every ``--save-every`` steps and at the end."""
     optimizer, generator = optimizer_of(model, cfg), torch.Generator().manual_seed(cfg.seed)
-    start, running, step = time.time(), None, 0
+    start, running = time.time(), None
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         model.train()
-        batch = sample_windows(train_stream, cfg.batch_size, cfg.seq_len, generator)
-        loss = masked_diffusion_loss(model, batch, mask_id, cfg.mask_eps, generator)
+        loss = loss_of(generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        elapsed = time.time() - start
-        out_of_time = args.minutes is not None and elapsed > 60 * args.minutes
+        minutes = (time.time() - start) / 60
+        out_of_time = args.minutes is not None and minutes > args.minutes
         last = step == cfg.steps - 1 or out_of_time
         if step % 50 == 0 or last:
-            print(f"step {step:5d}  loss {running:.3f}  lr {lr_at(step, cfg):.2e}  {elapsed / 60:.1f} min", flush=True)
+            print(f"step {step:5d}  loss {running:.4f}  lr {lr_at(step, cfg):.2e}  {minutes:.1f} min", flush=True)
         if (step + 1) % args.save_every == 0 or last:
             model.eval()
-            metrics = evaluate_masked(model, eval_windows, mask_id, 0.15, seed=1234)
-            log["history"].append({"step": step + 1, "train_loss": running, "minutes": elapsed / 60, **metrics})
-            print(f"  eval@0.15  acc {metrics['accuracy']:.4f}  nll {metrics['nll']:.3f}", flush=True)
-            save(model, tokenizer, args.out, log)
+            checkpoint(step + 1, running, minutes)
         if out_of_time:
             break
-    log["steps_done"] = step + 1
-    log["train_minutes"] = (time.time() - start) / 60
-    save(model, tokenizer, args.out, log)
+
+
+def train_loop(args, cfg: TrainConfig, model: LLaDA, tokenizer, train_stream, eval_windows, log: dict) -> None:
+    """LLaDA's masked diffusion loss on windows of the training stream; masked-token accuracy and NLL on the
+    evaluation windows at each checkpoint."""
+    mask_id = tokenizer.convert_tokens_to_ids(MASK)
+
+    def loss_of(generator: torch.Generator) -> torch.Tensor:
+        batch = sample_windows(train_stream, cfg.batch_size, cfg.seq_len, generator)
+        return masked_diffusion_loss(model, batch, mask_id, cfg.mask_eps, generator)
+
+    def checkpoint(steps: int, loss: float, minutes: float) -> None:
+        metrics = evaluate_masked(model, eval_windows, mask_id, 0.15, seed=1234)
+        log["history"].append({"step": steps, "train_loss": loss, "minutes": minutes, **metrics})
+        print(f"  eval@0.15  acc {metrics['accuracy']:.4f}  nll {metrics['nll']:.3f}", flush=True)
+        log["steps_done"], log["train_minutes"] = steps, minutes
+        save(model, tokenizer, args.out, log)
+
+    run_steps(args, cfg, model, loss_of, checkpoint)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ accuracy under low-confidence and random decoding) every ``--save-every`` steps 
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from faircalib.models.llada import LLaDA, LLaDAConfig
 from faircalib.models.tiny import randomize_
 from faircalib.sampling import LLaDASampling, generate
 from faircalib.zoo import tasks
-from faircalib.zoo.train import EOS, MASK, PAD, lr_at, optimizer_of, save
+from faircalib.zoo.train import EOS, MASK, PAD, run_steps, save
 
 GEN_LENGTH = tasks.ANSWER_CHARS + 1  # the answer and its end-of-text token
 
@@ -144,35 +143,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train_loop(args, cfg: TaskTrainConfig, model: LLaDA, tokenizer, data, prompt: int, held_out, log: dict) -> None:
-    optimizer, g = optimizer_of(model, cfg), torch.Generator().manual_seed(cfg.seed)
-    start, running, step = time.time(), None, 0
-    for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        model.train()
-        batch = data[torch.randint(0, data.shape[0], (cfg.batch_size,), generator=g)]
-        loss = sft_loss(model, batch, prompt, tokenizer.mask_token_id, cfg.mask_eps, g)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        elapsed = time.time() - start
-        out_of_time = args.minutes is not None and elapsed > 60 * args.minutes
-        last = step == cfg.steps - 1 or out_of_time
-        if step % 100 == 0 or last:
-            print(f"step {step:5d}  loss {running:.4f}  lr {lr_at(step, cfg):.2e}  {elapsed / 60:.1f} min", flush=True)
-        if (step + 1) % args.save_every == 0 or last:
-            model.eval()
-            solved = {r: solve_rate(model, tokenizer, held_out, r) for r in ("low_confidence", "random")}
-            log["history"].append({"step": step + 1, "train_loss": running, "minutes": elapsed / 60, **solved})
-            print(f"  held-out solved: low-confidence {solved['low_confidence']:.3f}  random {solved['random']:.3f}",
-                  flush=True)  # fmt: skip
-            log["steps_done"], log["train_minutes"] = step + 1, elapsed / 60
-            save(model, tokenizer, args.out, log)
-            write_json_atomic(args.out / TASK_FILE, task_record(cfg))
-        if out_of_time:
-            break
+    """LLaDA's SFT loss on batches of the training pool; held-out problems solved at each checkpoint."""
+
+    def loss_of(generator: torch.Generator) -> torch.Tensor:
+        batch = data[torch.randint(0, data.shape[0], (cfg.batch_size,), generator=generator)]
+        return sft_loss(model, batch, prompt, tokenizer.mask_token_id, cfg.mask_eps, generator)
+
+    def checkpoint(steps: int, loss: float, minutes: float) -> None:
+        solved = {r: solve_rate(model, tokenizer, held_out, r) for r in ("low_confidence", "random")}
+        log["history"].append({"step": steps, "train_loss": loss, "minutes": minutes, **solved})
+        print(f"  held-out solved: low-confidence {solved['low_confidence']:.3f}  random {solved['random']:.3f}",
+              flush=True)  # fmt: skip
+        log["steps_done"], log["train_minutes"] = steps, minutes
+        save(model, tokenizer, args.out, log)
+        write_json_atomic(args.out / TASK_FILE, task_record(cfg))
+
+    run_steps(args, cfg, model, loss_of, checkpoint)
 
 
 if __name__ == "__main__":
