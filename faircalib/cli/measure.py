@@ -132,3 +132,37 @@ def cmd_latency(args: argparse.Namespace) -> int:
             json.dumps({"model": str(model_path(args)), "threads": args.threads, "rows": rows}, indent=1) + "\n"
         )
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """lm-evaluation-harness tasks on the teacher (``--backend torch`` alone), the fake-quant student of an
+    ``--artifact``, or an exported bundle on its runtime."""
+    import importlib.util
+
+    from faircalib.data import task_of
+    from faircalib.files import write_json_atomic
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("lm-evaluation-harness is not installed: pip install 'faircalib[eval]' (lm-eval==0.4.13)")
+    from faircalib import lmeval
+
+    teacher, tokenizer = load_model(args)
+    if tokenizer is None:
+        raise ConfigError(f"{model_path(args)} has no tokenizer: lm-eval's tasks are text")
+    if args.backend == "torch" and args.artifact is None:
+        denoise, artifact, base, name = teacher, None, None, "teacher"
+    else:
+        denoise, artifact, base = student_of(args, teacher)
+        name = f"{artifact.config.method} {artifact.config.format}" if artifact is not None else str(args.onnx)
+    sampling = sampling_from_args(args, teacher.spec, base)
+    lm = lmeval.DenoiserLM(denoise, teacher.spec, tokenizer, sampling, device=teacher.device, mc_num=args.mc_num,
+                           batch_size=args.batch_size)  # fmt: skip
+    specs = lmeval.task_specs(args.tasks, task_of(model_path(args)), args.limit)
+    scores = lmeval.summary(lmeval.evaluate(lm, specs, include_path=args.include_path, limit=args.limit))
+    for task, metrics in scores["results"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples")
+        print(f"{task} ({name}): {shown} on {metrics['examples']} examples")
+    if args.out is not None:
+        write_json_atomic(args.out, {"model": str(model_path(args)), "backend": args.backend, "student": name,
+                                     "sampling": sampling.to_json_dict(), **scores})  # fmt: skip
+    return 0
