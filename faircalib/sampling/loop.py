@@ -95,7 +95,7 @@ def generate(
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
     x = torch.full((batch, schedule.total_length), spec.mask_token_id, dtype=torch.long, device=prompt.device)
     x[:, :prompt_len] = prompt
-    trajectory = Trajectory(prompt_len) if record else None
+    trajectory = Trajectory.allocate(prompt_len, len(schedule.steps), x.shape, x.device) if record else None
     for index, step in enumerate(schedule.steps):
         logits = step_logits(denoise, x, prompt_len, sampling, spec)
         decision = decide(logits, x, index, step, prompt_len, sampling, spec, generator)

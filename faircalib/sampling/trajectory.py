@@ -36,10 +36,28 @@ class StepRecord:
     logit_gap: torch.Tensor
 
 
+# StepRecord's tensor fields and their dtypes
+RECORDED = {
+    "tokens": torch.long, "committed": torch.bool, "committed_tokens": torch.long, "top1": torch.long,
+    "top1_prob": torch.float32, "margin": torch.float32, "confidence": torch.float32, "top2": torch.long,
+    "logit_gap": torch.float32,
+}  # fmt: skip
+
+
 @dataclass
 class Trajectory:
+    """The steps of one batch's run. ``allocate`` gives it one [steps, B, L] tensor per field, which each
+    ``StepRecord`` views: allocated once before the run, not as small tensors between every step's large
+    temporaries, whose freed space they would pin (the host's resident set then grows with the prompts)."""
+
     prompt_length: int
     steps: list[StepRecord] = field(default_factory=list)
+    buffers: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def allocate(cls, prompt_length: int, n_steps: int, shape: torch.Size, device: torch.device) -> Trajectory:
+        buffers = {name: torch.empty((n_steps, *shape), dtype=dtype, device=device) for name, dtype in RECORDED.items()}
+        return cls(prompt_length, buffers=buffers)
 
 
 @dataclass(frozen=True)
@@ -87,18 +105,14 @@ def record_step(
     if trajectory is None:
         return
     best = top_two(logits)
-    trajectory.steps.append(
-        StepRecord(
-            step=step,
-            block=block,
-            tokens=tokens.clone(),
-            committed=decision.committed.clone(),
-            committed_tokens=torch.where(decision.committed, decision.candidates, tokens),
-            top1=best.top1,
-            top1_prob=best.top1_prob,
-            margin=best.margin,
-            confidence=decision.confidence.float(),
-            top2=best.top2,
-            logit_gap=best.logit_gap,
-        )
-    )
+    values = {
+        "tokens": tokens, "committed": decision.committed,
+        "committed_tokens": torch.where(decision.committed, decision.candidates, tokens), "top1": best.top1,
+        "top1_prob": best.top1_prob, "margin": best.margin, "confidence": decision.confidence, "top2": best.top2,
+        "logit_gap": best.logit_gap,
+    }  # fmt: skip
+    if trajectory.buffers is not None:
+        values = {name: trajectory.buffers[name][len(trajectory.steps)].copy_(v) for name, v in values.items()}
+    else:
+        values = {name: v.to(RECORDED[name], copy=True) for name, v in values.items()}
+    trajectory.steps.append(StepRecord(step=step, block=block, **values))

@@ -36,3 +36,36 @@ def test_a_gate_names_each_metric_that_misses_and_by_how_much():
     for bad in ("frontier_flip_rate<0.03", "frontier_flip_rate<=x", ""):
         with pytest.raises(ConfigError):
             check_gate(report, bad)
+
+
+# Parity of the bundled model against itself on N held-out prompts in a fresh process; prints its peak resident set.
+PARITY_CHILD = """
+import sys, torch
+from faircalib.calib.runner import host_peak_mb
+from faircalib.models import load_denoiser, load_tokenizer
+from faircalib.sampling import LLaDASampling
+from faircalib.sampling.parity import parity_report
+from faircalib.zoo import model_dir, wiki
+
+torch.set_num_threads(1)
+model, tokenizer = load_denoiser(model_dir()), load_tokenizer(model_dir())
+prompts = wiki.prompt_ids(tokenizer, "eval", int(sys.argv[1]), 16)
+sampling = LLaDASampling(gen_length=16, block_length=8, steps=16)
+parity_report(model, model, prompts, sampling, model.spec, post_commit_probes=1)
+print(host_peak_mb())
+"""
+
+
+def parity_peak_mb(prompts: int) -> float:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PARITY_CHILD, str(prompts)], capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_parity_memory_does_not_grow_with_the_prompts():
+    few, many = parity_peak_mb(32), parity_peak_mb(256)
+    assert many <= 1.2 * few, f"peak {many:.0f} MiB on 256 prompts against {few:.0f} MiB on 32"
