@@ -11,6 +11,8 @@ LLAMA  := llama-cpp-python==0.3.36
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=ON
 MODEL  ?= faircalib/zoo/llada-wiki-tiny
 PROMPT ?= The history of the city
+TASK_MODEL ?= faircalib/zoo/llada-sudoku-tiny
+PUZZLE ?= 3___/_4__/___1/_3_4=
 
 .PHONY: install test test-fast lint format demo bench bench-gpu bench-llamacpp latency export engine parity train clean
 
@@ -62,6 +64,15 @@ demo: install
 	@echo "== parity of the exported student against the teacher (and the PyTorch fake-quant student)"
 	$(BIN)/faircalib parity --model $(MODEL) --backend ort --onnx $(DEMO)/bundle --artifact $(DEMO)/fair-w4a4 \
 		--n-prompts 32
+	@echo "== the task model: a held-out 4x4 sudoku in full precision, then as its FAIR-Calib W4A4 student on ONNX Runtime"
+	$(BIN)/faircalib generate --model $(TASK_MODEL) --prompt "$(PUZZLE)" --quiet
+	$(BIN)/faircalib calibrate --model $(TASK_MODEL) --method fair --wbits 4 --abits 4 --out $(DEMO)/sudoku-w4a4
+	$(BIN)/faircalib export --model $(TASK_MODEL) --artifact $(DEMO)/sudoku-w4a4 --profile ort-w4a4 \
+		--out $(DEMO)/sudoku-bundle
+	$(BIN)/faircalib generate --backend ort --bundle $(DEMO)/sudoku-bundle --prompt "$(PUZZLE)" --quiet
+	@echo "== both on 200 held-out puzzles (task_accuracy: solved by the student; teacher: by full precision)"
+	$(BIN)/faircalib parity --model $(TASK_MODEL) --backend ort --bundle $(DEMO)/sudoku-bundle \
+		--artifact $(DEMO)/sudoku-w4a4 --n-prompts 200
 
 # Step by step: ARTIFACT (from faircalib calibrate) -> BUNDLE (ONNX + schedule) -> ENGINE (TensorRT, GPU only).
 ARTIFACT ?= $(DEMO)/fair-w4a4

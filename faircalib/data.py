@@ -68,17 +68,25 @@ def task_data(tokenizer: Any, task: dict[str, Any], n: int, split: str, offset: 
     from faircalib.zoo import tasks
 
     if split == "eval":
-        problems = tasks.held_out_problems(offset + n, task["training_problems"])[offset:]
+        problems = tasks.held_out_problems(offset + n, task["held_out_unseen"])[offset:]
     else:
         problems = tasks.calibration_problems(offset + n)[offset:]
     prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
     by_prompt = {tuple(ids): p for ids, p in zip(prompts, problems, strict=True)}
+    # the solved sequences, EOS to the end of the generation: text calibration's windows, masked NLL's texts
+    length = len(prompts[0]) + task["sampling"]["gen_length"]
+    answers = [tokenizer(p.answer, add_special_tokens=False)["input_ids"] for p in problems]
+    solved = [
+        (ids + answer + [tokenizer.eos_token_id] * length)[:length]
+        for ids, answer in zip(prompts, answers, strict=True)
+    ]
+    windows = torch.tensor(solved, dtype=torch.long)
 
     def judge(prompt: list[int], generated: list[int]) -> bool:
         return tasks.verify(by_prompt[tuple(prompt)], tokenizer.decode(generated, skip_special_tokens=True))
 
     description = {"source": f"{tasks.TASK} {split} problems {offset} to {offset + n}", "problems": n}
-    return PromptData(prompts, None, description, judge)
+    return PromptData(prompts, windows, description, judge)
 
 
 def calibration_data(

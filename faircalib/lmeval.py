@@ -94,11 +94,11 @@ def cut(text: str, until: str | Sequence[str]) -> str:
     return text
 
 
-def mini_sudoku_task(n: int, training_problems: int) -> dict[str, Any]:
+def mini_sudoku_task(n: int, unseen: list[int]) -> dict[str, Any]:
     """The bundled task model's benchmark as an lm-eval task: ``n`` held-out problems, judged by the verifier."""
     import datasets
 
-    problems = tasks.held_out_problems(n, training_problems)
+    problems = tasks.held_out_problems(n, unseen)
 
     def dataset(**_kwargs):
         rows = [{"prompt": p.prompt, "answer": p.answer, "index": i} for i, p in enumerate(problems)]
@@ -125,7 +125,7 @@ def task_specs(names: Sequence[str], task: dict[str, Any] | None, limit: int | N
         elif task is None:
             raise ConfigError(f"{tasks.TASK} is a task model's benchmark: give --model a model with a task.json")
         else:
-            specs.append(mini_sudoku_task(limit or HELD_OUT, task["training_problems"]))
+            specs.append(mini_sudoku_task(limit or HELD_OUT, task["held_out_unseen"]))
     return specs
 
 

@@ -96,3 +96,34 @@ def test_eval_unknown_task_is_one_error_line(tmp_path, tiny_dirs, capsys):
     code = main(["eval", "--model", str(tiny_dirs["bert"]), "--tasks", "no_such_task", "--include-path",
                  str(tmp_path)])  # fmt: skip
     assert code == 2 and "no_such_task" in capsys.readouterr().err
+
+
+def test_eval_of_the_task_model_equals_parity_task_accuracy(tmp_path, capsys):
+    """Teacher, fake-quant student and its ONNX Runtime bundle: lm-eval's mini_sudoku score is parity's
+    task accuracy on the same held-out problems."""
+    from faircalib.zoo import model_dir
+
+    model = str(model_dir("llada-sudoku-tiny"))
+    artifact, bundle = tmp_path / "rtn", tmp_path / "bundle"
+    assert main(["calibrate", "--model", model, "--method", "rtn", "--out", str(artifact), "--quiet"]) == 0
+    assert main(["export", "--model", model, "--artifact", str(artifact), "--profile", "ort-w4a16",
+                 "--out", str(bundle)]) == 0  # fmt: skip
+    capsys.readouterr()
+
+    def eval_score(*student: str) -> float:
+        out = tmp_path / "eval.json"
+        assert main(["eval", "--model", model, "--tasks", "mini_sudoku", "--limit", "32", "--out", str(out),
+                     *student]) == 0  # fmt: skip
+        return json.loads(out.read_text())["results"]["mini_sudoku"]["acc"]
+
+    def parity(*student: str) -> dict:
+        capsys.readouterr()
+        assert main(["parity", "--model", model, "--n-prompts", "32", "--post-commit-probes", "1", "--json",
+                     "--quiet", "--artifact", str(artifact), *student]) == 0  # fmt: skip
+        return json.loads(capsys.readouterr().out)
+
+    on_torch = parity()
+    assert eval_score() == on_torch["task_accuracy_teacher"] > 0.5
+    assert eval_score("--artifact", str(artifact)) == on_torch["task_accuracy"]
+    on_ort = parity("--backend", "ort", "--bundle", str(bundle))
+    assert eval_score("--backend", "ort", "--bundle", str(bundle)) == on_ort["task_accuracy"]

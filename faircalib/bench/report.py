@@ -7,7 +7,7 @@ from statistics import mean, stdev
 
 from faircalib.sampling.metrics import PARITY_METRICS
 
-METRICS = (*PARITY_METRICS, "masked_nll_q", "task_accuracy")
+METRICS = (*PARITY_METRICS, "post_commit_forced_distance", "masked_nll_q", "task_accuracy")
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,7 @@ def _calibrate_child(log: str, model: str, cfg: QuantConfig, sampling, data: Pro
 def calibrate_in_process(cfg: BenchConfig, qcfg: QuantConfig, data: PromptData, out: Path, log: Path) -> float:
     """Wall seconds of one calibration in a fresh process; raises ConfigError with its last line on failure."""
     start = time.perf_counter()
+    data = replace(data, judge=None)  # calibration never judges answers, and a judge does not pickle
     child = multiprocessing.get_context("spawn").Process(
         target=_calibrate_child, args=(str(log), cfg.model, qcfg, cfg.sampling(), data, str(out))
     )
@@ -136,16 +137,16 @@ def evaluation(cfg: BenchConfig) -> Evaluation:
     the teacher's runs on them."""
     teacher = load_denoiser(cfg.model)
     tokenizer = load_tokenizer(Path(cfg.model))
-    task, windows, nll_fp, judge = task_of(Path(cfg.model)), None, None, None
+    task, judge = task_of(Path(cfg.model)), None
     if task is not None:
         data = task_data(tokenizer, task, cfg.n_eval_prompts, "eval")
-        prompts, judge = data.prompts, data.judge
+        prompts, judge, windows = data.prompts, data.judge, data.text_windows  # windows: the solved problems
     else:
         prompts = wiki.prompt_ids(tokenizer, "eval", cfg.n_eval_prompts, cfg.prompt_tokens,
                                   cfg.eval_windows_per_article)  # fmt: skip
         n_nll = cfg.n_eval_prompts if cfg.n_nll_windows is None else cfg.n_nll_windows
         windows = wiki.text_windows(tokenizer, "eval", n_nll, cfg.prompt_tokens + cfg.sampling().gen_length)
-        nll_fp = masked_nll(teacher, windows, teacher.spec)
+    nll_fp = masked_nll(teacher, windows, teacher.spec)
     references = record_runs(teacher, prompts, cfg.sampling(), teacher.spec)
     post_commit = teacher_post_commit_mismatch(teacher, references, cfg.sampling(), teacher.spec,
                                                cfg.post_commit_probes)  # fmt: skip
@@ -161,7 +162,7 @@ def measure(cfg: BenchConfig, ev: Evaluation, artifact_dir: Path) -> dict:
         nll_windows=ev.nll_windows, nll_fp=ev.nll_fp, teacher_post_commit=ev.post_commit,
         post_commit_probes=cfg.post_commit_probes, judge=ev.judge,
     )  # fmt: skip
-    row = {k: report.get(k) for k in (*METRICS, "task_accuracy", "task_accuracy_teacher")}
+    row = {k: report.get(k) for k in (*METRICS, "task_accuracy_teacher")}
     # the child's own high-water mark: a child's rusage also counts the (large) parent it came from
     row.update(masked_nll_fp=report.get("masked_nll_fp"), peak_rss_mb=loaded.manifest["peak_memory_mb"])
     row["flip_curve"] = report["curves"]["frontier_flip_rate"]

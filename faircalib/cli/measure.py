@@ -20,6 +20,7 @@ DIRECTIONS = {
     "decision_margin_error": ("0", "lower"),
     "post_commit_mismatch": ("teacher", "nearer the teacher"),
     "post_commit_mismatch_forced": ("teacher", "nearer the teacher"),
+    "post_commit_forced_distance": ("0", "lower"),
     "teacher_divergence": ("0", "lower"),
     "exact_match": ("1", "higher"),
     "masked_nll": ("nll", "lower"),

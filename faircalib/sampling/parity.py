@@ -127,6 +127,8 @@ def parity_report(
     if teacher_post_commit is None:
         teacher_post_commit = teacher_post_commit_mismatch(teacher, references, sampling, spec, post_commit_probes)
     report["post_commit_mismatch_teacher"] = teacher_post_commit
+    # the criterion on post-commit behaviour: land where the teacher does, neither above nor below
+    report["post_commit_forced_distance"] = abs(report["post_commit_mismatch_forced"] - teacher_post_commit)
     if nll_windows is not None:
         windows = nll_windows.to(device)
         report["masked_nll_fp"] = nll_fp if nll_fp is not None else masked_nll(teacher, windows, spec)

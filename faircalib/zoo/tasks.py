@@ -5,7 +5,8 @@ A puzzle ``4___/_3__/_13_/____=`` (rows of a grid, blanks as ``_``) is followed 
 ``4213/1342/2134/3421`` and an end-of-text token. The split is by reasoning-gym's per-item seeds, which are the
 dataset seed plus the item's index: training takes items from seed ``TRAIN_SEED`` on, held-out problems from
 seed ``HELD_OUT_SEED`` on (a range training never reaches; calibration draws from ``CALIB_SEED`` on), and held-out
-puzzles that also occur in training are skipped, so no held-out puzzle was ever seen.
+puzzles that also occur in training are skipped (the others' indices are in the model's task.json), so no held-out
+puzzle was ever seen.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ TRAIN_SEED, HELD_OUT_SEED, CALIB_SEED = 0, 10**9, 2 * 10**9
 INSTALL_HINT = "pip install reasoning-gym==0.1.25"
 ANSWER_CHARS = 19  # four rows of four digits and three separators
 ALPHABET = "1234_/="
+HELD_OUT_RANGE = 8192  # held-out items searched for puzzles training never saw (most 4x4 puzzles it does)
 
 
 @dataclass(frozen=True)
@@ -61,22 +63,20 @@ def calibration_problems(n: int) -> list[Problem]:
     return [problem(dataset[i]) for i in range(n)]
 
 
-def held_out_problems(n: int, training_size: int, seen: frozenset[str] | None = None) -> list[Problem]:
-    """``n`` held-out problems whose puzzles are not among the first ``training_size`` training ones (whose
-    prompts ``seen`` may give, when at hand)."""
-    seen = _training_puzzles(training_size) if seen is None else seen
-    dataset, out, index = _dataset(HELD_OUT_SEED, 4 * n), [], 0
-    while len(out) < n:
-        candidate = problem(dataset[index])
-        if candidate.prompt not in seen:
-            out.append(candidate)
-        index += 1
-    return out
+def unseen_held_out(training: list[Problem], size: int = HELD_OUT_RANGE) -> list[int]:
+    """Indices among the first ``size`` held-out items whose puzzles do not occur in ``training``: written to a
+    task model's task.json, so finding its held-out problems does not regenerate the training pool."""
+    puzzles = {p.prompt for p in training}
+    dataset = _dataset(HELD_OUT_SEED, size)
+    return [i for i in range(size) if problem(dataset[i]).prompt not in puzzles]
 
 
-@cache
-def _training_puzzles(size: int) -> frozenset[str]:
-    return frozenset(p.prompt for p in training_problems(size))
+def held_out_problems(n: int, unseen: list[int]) -> list[Problem]:
+    """The first ``n`` held-out problems training never saw (``unseen``: their indices, from ``unseen_held_out``)."""
+    if n > len(unseen):
+        raise FaircalibError(f"{n} held-out problems asked for; the task model has {len(unseen)}")
+    dataset = _dataset(HELD_OUT_SEED, unseen[n - 1] + 1 if n else 0)
+    return [problem(dataset[i]) for i in unseen[:n]]
 
 
 def verify(item: Problem, written: str) -> bool:

@@ -113,12 +113,12 @@ def build(cfg: TaskTrainConfig, tokenizer, init_from: Path | None) -> LLaDA:
     return model
 
 
-def task_record(cfg: TaskTrainConfig) -> dict:
+def task_record(cfg: TaskTrainConfig, unseen: list[int]) -> dict:
     """task.json: which task the model solves, the schedule it is decoded with, what it was trained on."""
     sampling = dict(gen_length=GEN_LENGTH, block_length=GEN_LENGTH, steps=GEN_LENGTH)
     return {"task": tasks.TASK, "generator": tasks.GENERATOR, "training_problems": cfg.pool,
             "train_seed": tasks.TRAIN_SEED, "held_out_seed": tasks.HELD_OUT_SEED, "calib_seed": tasks.CALIB_SEED,
-            "sampling": sampling}  # fmt: skip
+            "held_out_unseen": unseen, "sampling": sampling}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,16 +134,19 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = char_tokenizer()
     training = tasks.training_problems(cfg.pool)
     data, prompt = encode(tokenizer, training)
-    held_out = tasks.held_out_problems(cfg.held_out, cfg.pool, frozenset(p.prompt for p in training))
+    unseen = tasks.unseen_held_out(training)
+    held_out = tasks.held_out_problems(cfg.held_out, unseen)
     model = build(cfg, tokenizer, args.init_from)
     log = {"train_config": asdict(cfg), "parameters": sum(p.numel() for p in model.parameters()),
            "task": {"name": tasks.TASK, "generator": tasks.GENERATOR, "train_seed": tasks.TRAIN_SEED,
                     "held_out_seed": tasks.HELD_OUT_SEED}, "history": []}  # fmt: skip
-    train_loop(args, cfg, model, tokenizer, data, prompt, held_out, log)
+    train_loop(args, cfg, model, tokenizer, (data, prompt), held_out, log, task_record(cfg, unseen))
 
 
-def train_loop(args, cfg: TaskTrainConfig, model: LLaDA, tokenizer, data, prompt: int, held_out, log: dict) -> None:
-    """LLaDA's SFT loss on batches of the training pool; held-out problems solved at each checkpoint."""
+def train_loop(args, cfg: TaskTrainConfig, model: LLaDA, tokenizer, encoded, held_out, log: dict, task: dict) -> None:
+    """LLaDA's SFT loss on batches of the training pool (``encoded``: its ids and prompt length); held-out problems
+    solved at each checkpoint, which writes the model, its log and ``task`` (task.json)."""
+    data, prompt = encoded
 
     def loss_of(generator: torch.Generator) -> torch.Tensor:
         batch = data[torch.randint(0, data.shape[0], (cfg.batch_size,), generator=generator)]
@@ -156,7 +159,7 @@ def train_loop(args, cfg: TaskTrainConfig, model: LLaDA, tokenizer, data, prompt
               flush=True)  # fmt: skip
         log["steps_done"], log["train_minutes"] = steps, minutes
         save(model, tokenizer, args.out, log)
-        write_json_atomic(args.out / TASK_FILE, task_record(cfg))
+        write_json_atomic(args.out / TASK_FILE, task)
 
     run_steps(args, cfg, model, loss_of, checkpoint)
 

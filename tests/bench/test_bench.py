@@ -56,3 +56,23 @@ def test_bad_bench_configs_are_config_errors():
         BenchConfig(eval_windows_per_article=0)
     with pytest.raises(ConfigError, match="post_commit_probes"):
         BenchConfig(post_commit_probes=0)
+
+
+@pytest.mark.slow
+def test_bench_runs_end_to_end_on_the_task_model(tmp_path):
+    """Calibrations in child processes (teacher states and text windows of solved problems), parity with
+    task accuracy and the forced post-commit distance, on held-out problems."""
+    import json
+
+    from faircalib.bench import run_bench
+    from faircalib.zoo import model_dir
+
+    cfg = BenchConfig(model=str(model_dir("llada-sudoku-tiny")), methods=("rtn", "gptq-text"), formats=("W4A16",),
+                      seeds=(0,), n_calib_prompts=4, n_eval_prompts=8, post_commit_probes=1,
+                      out=str(tmp_path))  # fmt: skip
+    run_bench(cfg)
+    rows = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [r["method"] for r in rows] == ["rtn", "gptq-text"] and not any("error" in r for r in rows)
+    for row in rows:
+        assert 0 <= row["task_accuracy"] <= 1 and row["task_accuracy_teacher"] > 0.5
+        assert row["post_commit_forced_distance"] >= 0 and row["masked_nll_q"] > 0
