@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,21 @@ def pick_device(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     if "auto" in (args.device, args.dtype):
         say(args, f"device {device}, dtype {name}")
     return device, parse_dtype(name)
+
+
+def join_torchrun(args: argparse.Namespace) -> int:
+    """Under torchrun (WORLD_SIZE > 1): join its process group, NCCL with one GPU per process or gloo on CPUs,
+    so the work is shared (``faircalib.sampling.shard``); returns this process's rank (0 without torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0
+    import torch.distributed as dist
+
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
 
 
 def model_path(args: argparse.Namespace) -> Path:
@@ -160,15 +176,19 @@ def quant_config_from_args(args: argparse.Namespace, model):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from faircalib.api import calibrate_to
+    from faircalib.api import calibrate_to, quantize
     from faircalib.data import calibration_data, task_of
     from faircalib.exporter.profiles import exportable_as
 
+    rank = join_torchrun(args)
     model, tokenizer = load_model(args)
     cfg = quant_config_from_args(args, model)
     sampling = sampling_from_args(args, model.spec)
     data = calibration_data(tokenizer, cfg.n_prompts, args.prompt_tokens, sampling.gen_length, args.calib_prompts,
                             text=cfg.states == "text", task=task_of(model_path(args)))  # fmt: skip
+    if rank > 0:  # shares Stage I's batches with the first process, which alone writes --out
+        quantize(model, cfg, data.prompts, sampling, inplace=True, text_windows=data.text_windows)
+        return 0
     partial = args.out.with_name(args.out.name + ".partial")
     args.interrupted = f"what was finished is kept in {partial}: run the same command again to resume"
     artifact = calibrate_to(args.out, model, cfg, data.prompts, sampling, text_windows=data.text_windows,

@@ -8,7 +8,14 @@ import json
 import math
 import sys
 
-from faircalib.cli.commands import load_model, model_path, pick_device, sampling_from_args, student_backend
+from faircalib.cli.commands import (
+    join_torchrun,
+    load_model,
+    model_path,
+    pick_device,
+    sampling_from_args,
+    student_backend,
+)
 from faircalib.errors import ConfigError
 
 # metric -> (the teacher's own level, which way is better): what the table prints beside each figure
@@ -76,6 +83,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
     if args.gate is not None:
         check_gate({}, args.gate)  # a malformed gate fails before any work
+    rank = join_torchrun(args)  # every process measures its share of the prompts; the first one reports
+    args.quiet = args.quiet or rank > 0
 
     teacher, tokenizer = load_model(args)
     student, artifact, base = student_of(args, teacher)
@@ -91,6 +100,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
             teacher, student, data.prompts, sampling, spec, references=references, nll_windows=data.text_windows,
             post_commit_probes=args.post_commit_probes, device=device, on_progress=bar.update, judge=data.judge,
         )  # fmt: skip
+    if rank > 0:
+        return 0
     report["backend"] = args.backend
     if artifact is not None:
         report.update(method=artifact.config.method, format=artifact.config.format, artifact=str(args.artifact))

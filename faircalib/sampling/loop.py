@@ -16,6 +16,7 @@ from faircalib.sampling.config import DreamSampling, LLaDASampling, Sampling
 from faircalib.sampling.dream import dream_decide, dream_logits
 from faircalib.sampling.llada import Decision, Denoise, llada_decide, llada_logits
 from faircalib.sampling.schedule import Schedule, ScheduleStep, plan
+from faircalib.sampling.shard import gathered, mine
 from faircalib.sampling.trajectory import GenerationResult, Trajectory, record_step
 
 
@@ -116,24 +117,24 @@ def record_runs(
     on_progress: Callable[[float], None] | None = None,
 ) -> list[tuple[Schedule, GenerationResult]]:
     """Recorded runs of ``sampling`` over ``prompts``, batched by prompt length (each batch shares one schedule):
-    the teacher's trajectories that calibration learns from and parity compares against.
+    the teacher's trajectories that calibration learns from and parity compares against. Under torchrun the
+    batches are shared among the processes and every process gets all runs (``sampling.shard``).
     ``on_progress(prompts)`` after every denoising step, with the share of a batch's prompts that step did."""
     by_length: dict[int, list[list[int]]] = {}
     for prompt in prompts:
         if not prompt:
             raise ConfigError("prompts must not be empty")
         by_length.setdefault(len(prompt), []).append(list(prompt))
+    batches = [(length, group[start : start + batch_size]) for length, group in sorted(by_length.items())
+               for start in range(0, len(group), batch_size)]  # fmt: skip
     runs = []
-    for length, group in sorted(by_length.items()):
+    for length, rows in mine(batches):  # every batch when not sharded over processes
         schedule = plan(sampling, length)
-        for start in range(0, len(group), batch_size):
-            batch = torch.tensor(group[start : start + batch_size], dtype=torch.long, device=device)
-            ticker = Ticker(on_progress, batch.shape[0], len(schedule.steps))
-            runs.append(
-                (schedule, generate(ticker.wrap(denoise), batch, sampling, spec, schedule=schedule, record=True))
-            )
-            ticker.finish()
-    return runs
+        batch = torch.tensor(rows, dtype=torch.long, device=device)
+        ticker = Ticker(on_progress, batch.shape[0], len(schedule.steps))
+        runs.append((schedule, generate(ticker.wrap(denoise), batch, sampling, spec, schedule=schedule, record=True)))
+        ticker.finish()
+    return gathered(runs)
 
 
 class Ticker:

@@ -197,6 +197,14 @@ class ParityTally:
             self.solved += sum(map(self.judge, prompts, rollout.generated.tolist()))
             self.solved_teacher += sum(map(self.judge, prompts, teacher.generated.tolist()))
 
+    def merge(self, other: ParityTally) -> None:
+        """Pool another tally's counts into this one."""
+        for into, counts in ((self.forced, other.forced), (self.free, other.free),
+                             (self.forced_post_commit, other.forced_post_commit)):  # fmt: skip
+            self._add(into, counts)
+        for name in ("generated_tokens", "differing_tokens", "prompts", "exact_prompts", "solved", "solved_teacher"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def summary(self) -> dict[str, object]:
         f, r, s = self.forced, self.free, self.forced_post_commit
         task = {}

@@ -4,7 +4,7 @@ student (a fake-quant model, an ONNX Runtime or TensorRT backend), pooled into t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,6 +15,7 @@ from faircalib.sampling.llada import Denoise
 from faircalib.sampling.loop import Ticker, decide, generate, is_deterministic, record_runs, step_logits
 from faircalib.sampling.metrics import ParityTally, masked_nll, post_commit_counts, rate
 from faircalib.sampling.schedule import Schedule
+from faircalib.sampling.shard import gathered, mine
 from faircalib.sampling.trajectory import GenerationResult
 
 Runs = list[tuple[Schedule, GenerationResult]]  # what ``record_runs`` returns
@@ -52,16 +53,21 @@ def evaluate_parity(
 ) -> ParityTally:
     """The student's recorded rollout of every reference batch, teacher-forced and free-running counts
     pooled into one tally; ``on_progress(prompts)`` as the work on each batch goes on; ``judge(prompt ids,
-    generated ids)`` verifies answers, where the prompts carry a verifier."""
-    tally = ParityTally(judge=judge)
-    for schedule, reference in references:
+    generated ids)`` verifies answers, where the prompts carry a verifier. Under torchrun the batches are shared
+    among the processes and every process gets the whole tally."""
+    batches = []
+    for schedule, reference in mine(references):  # every batch when not sharded over processes
         prompt = reference.tokens[:, : reference.prompt_length]
         # a rollout, the teacher-forced pass and two post-commit passes of up to ``probes`` forwards a step
         ticker = Ticker(on_progress, prompt.shape[0], len(schedule.steps) * (2 + 2 * post_commit_probes))
-        counted = ticker.wrap(student)
+        counted, batch = ticker.wrap(student), ParityTally(judge=judge)
         rollout = generate(counted, prompt, sampling, spec, schedule=schedule, record=True)
-        tally.add(counted, reference, rollout, sampling, spec, schedule, post_commit_probes)
+        batch.add(counted, reference, rollout, sampling, spec, schedule, post_commit_probes)
+        batches.append(replace(batch, judge=None))  # a judge does not travel between processes
         ticker.finish()
+    tally = ParityTally(judge=judge)
+    for batch in gathered(batches):  # pooled in batch order: the same sums in any number of processes
+        tally.merge(batch)
     return tally
 
 

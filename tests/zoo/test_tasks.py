@@ -1,5 +1,7 @@
 """The task with a verifier: a held-out split no training item reaches, answers judged by reasoning-gym."""
 
+import pytest
+
 from faircalib.data import task_data
 from faircalib.zoo import tasks
 from faircalib.zoo.train_task import char_tokenizer, encode
@@ -61,3 +63,25 @@ def test_parity_reports_the_task_accuracy_of_student_and_teacher():
     report = parity_report(model, model, data.prompts, sampling, model.spec, judge=judge)
     assert len(verdicts) == 12  # six problems, the student's answers and the teacher's
     assert report["task_accuracy"] == report["task_accuracy_teacher"] == sum(verdicts) / 12
+
+
+def test_the_bundled_task_model_solves_held_out_puzzles_and_order_matters():
+    from faircalib.data import task_of
+    from faircalib.models import load_denoiser, load_tokenizer
+    from faircalib.zoo import model_dir
+    from faircalib.zoo.train_task import solve_rate
+
+    path = model_dir("llada-sudoku-tiny")
+    model, tokenizer, task = load_denoiser(path), load_tokenizer(path), task_of(path)
+    items = tasks.held_out_problems(200, task["held_out_unseen"])
+    low_confidence, random = solve_rate(model, tokenizer, items), solve_rate(model, tokenizer, items, "random")
+    assert low_confidence >= 0.85 and random <= low_confidence - 0.15, (low_confidence, random)
+
+
+@pytest.mark.slow
+def test_the_bundled_task_models_held_out_puzzles_were_never_trained_on():
+    from faircalib.data import task_of
+    from faircalib.zoo import model_dir
+
+    task = task_of(model_dir("llada-sudoku-tiny"))
+    assert task["held_out_unseen"] == tasks.unseen_held_out(tasks.training_problems(task["training_problems"]))
