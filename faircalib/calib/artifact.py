@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 from faircalib import __version__
 from faircalib.calib.config import QuantConfig
 from faircalib.calib.linear import QuantizedLayer, QuantizedWeight
-from faircalib.calib.quant import pack_int4, unpack_int4
 from faircalib.calib.student import apply_quantization
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.files import MANIFEST, OWNER_KEY, staged_dir
+from faircalib.kernels.int4 import pack_int4, unpack_int4
 from faircalib.models.base import Denoiser
 from faircalib.models.checkpoint import read_json_object, read_safetensors
 from faircalib.sampling import Sampling, sampling_from_json_dict

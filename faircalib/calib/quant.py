@@ -216,19 +216,3 @@ def code_matmul(x_codes: torch.Tensor, w_codes_t: torch.Tensor, w_scale: torch.T
     per_group = x_codes.reshape(-1, groups, k // groups).transpose(0, 1)  # [G, T, K / G]
     partial = per_group @ w_codes_t.reshape(groups, k // groups, n)  # [G, T, N]
     return (partial * w_scale.unsqueeze(1)).sum(0).reshape(*lead, n)
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """int4 codes [..., K] (signed [-8, 7] or unsigned [0, 15], K even) -> uint8 [..., K // 2],
-    two values a byte, low nibble first (the ONNX INT4 / UINT4 layout)."""
-    if codes.shape[-1] % 2:
-        raise ConfigError(f"int4 packing needs an even last dimension, got {codes.shape[-1]}")
-    nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8)
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
-    """Inverse of ``pack_int4``: uint8 [..., K // 2] -> int8 codes [..., K]."""
-    low, high = (packed & 0xF).to(torch.int8), (packed >> 4).to(torch.int8)
-    codes = torch.stack([low, high], dim=-1).flatten(-2)
-    return torch.where(codes > 7, codes - 16, codes) if signed else codes

@@ -1,4 +1,4 @@
-"""Weight and activation grids, int4 packing, and QuantLinear: the integer product and its devices."""
+"""Weight and activation grids and QuantLinear: the integer product and its devices."""
 
 import pytest
 import torch
@@ -12,9 +12,7 @@ from faircalib.calib.quant import (
     dequantize_weight,
     fake_quant_activation,
     fake_quant_weight,
-    pack_int4,
     quantize_weight,
-    unpack_int4,
     weight_qparams,
 )
 from faircalib.calib.rtn import rtn_weight
@@ -105,17 +103,6 @@ def test_code_products_do_not_depend_on_summation_order():
     backward = code_matmul(x_codes.flip(-1), w_codes.flip(0), w_scale)
     exact = (x_codes.double() @ w_codes.double()).float() * w_scale[0]
     assert torch.equal(forward, backward) and torch.equal(forward, exact)
-
-
-def test_pack_int4_low_nibble_first_and_round_trip():
-    signed = torch.tensor([[-8, 7, 0, -1, 3, -4]], dtype=torch.int8)
-    packed = pack_int4(signed)
-    assert packed.tolist() == [[0x78, 0xF0, 0xC3]]  # (-8 & 15) | (7 << 4) = 0x78 ...
-    assert torch.equal(unpack_int4(packed, signed=True), signed)
-    unsigned = torch.randint(0, 16, (5, 8), dtype=torch.int8)
-    assert torch.equal(unpack_int4(pack_int4(unsigned), signed=False), unsigned)
-    with pytest.raises(ConfigError, match="even last dimension"):
-        pack_int4(torch.zeros(2, 3, dtype=torch.int8))
 
 
 def test_a_quantized_linear_takes_its_codes_along_between_devices(tiny_dirs):
