@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt", help="prompt text, read by the model's tokenizer (no default: give it or --prompt-ids)"
     )
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3 (no default: give it or --prompt)")
+    gen.add_argument("--artifact", type=Path, help="generate with this calibrated student (--backend torch or "
+                     "triton; default: none, the full-precision model)")  # fmt: skip
     add_sampling_args(gen)
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
@@ -108,19 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(exp)
     exp.set_defaults(run=commands.cmd_export)
 
-    lat = verbs.add_parser("latency", help="per-step latency of the FP model and exported bundles")
+    lat = verbs.add_parser("latency", help="per-step latency (forward and decision) and peak memory of the FP "
+                           "model, an artifact's student on PyTorch and on Triton, and exported bundles")  # fmt: skip
     add_model_args(lat)
-    lat.add_argument(
-        "--onnx",
-        type=Path,
-        nargs="*",
-        help="exported bundle directories to time on ONNX Runtime (default: none, PyTorch only)",
-    )
+    lat.add_argument("--artifact", type=Path, help="also time this calibrated student, fake-quant on PyTorch and on "
+                     "the Triton kernels (default: none)")  # fmt: skip
+    lat.add_argument("--onnx", type=Path, nargs="*", help="exported bundle directories to time on ONNX Runtime "
+                     "(default: none)")  # fmt: skip
     lat.add_argument("--batch", type=int, default=1, help="sequences per forward (default: 1)")
-    lat.add_argument("--seq", type=int, default=48, help="tokens per sequence (default: 48)")
-    lat.add_argument("--repeats", type=int, default=20, help="timed forwards (default: 20)")
+    lat.add_argument("--seq", type=int, help="tokens per sequence (default: 16 prompt tokens + the gen length)")
+    lat.add_argument("--repeats", type=int, default=20, help="timed steps (default: 20)")
     lat.add_argument("--threads", type=int, default=0, help="intra-op threads (default: 0, the library's choice)")
     lat.add_argument("--out", type=Path, help="write the rows as JSON (default: print only)")
+    add_sampling_args(lat)
     lat.set_defaults(run=measure.cmd_latency)
 
     eng = verbs.add_parser("build-engine", help="build a TensorRT engine from an exported bundle (needs a GPU)")

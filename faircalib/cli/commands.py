@@ -123,6 +123,29 @@ def student_backend(kind: str, bundle: Path | None, threads: int = 0):
     return OrtBackend(bundle, threads=threads)
 
 
+LOCAL_BACKENDS = ("torch", "triton")  # run --model itself (or an --artifact's student of it), not a bundle
+
+
+def load_artifact(args: argparse.Namespace):
+    """``--artifact``, checked against ``--model``; None when not given."""
+    from faircalib.calib.artifact import QuantArtifact
+
+    if args.artifact is None:
+        return None
+    artifact = QuantArtifact.load(args.artifact)
+    artifact.check_model(model_path(args))
+    return artifact
+
+
+def local_student(kind: str, model, artifact):
+    """``artifact``'s student on PyTorch (the fake-quant model) or on the Triton kernels; ``model`` becomes it."""
+    from faircalib.runtime.triton_backend import TritonBackend
+
+    if artifact is None:
+        raise ConfigError(f"--backend {kind} runs a calibrated student here: give its --artifact")
+    return TritonBackend(model, artifact) if kind == "triton" else artifact.apply(model)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from faircalib.exporter.schedule_file import exported_schedule, read_schedule
     from faircalib.models import load_tokenizer
@@ -130,10 +153,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from faircalib.runtime.backends import TorchBackend
     from faircalib.runtime.driver import run_schedule
 
-    if args.backend == "torch":
+    if args.backend in LOCAL_BACKENDS:
         model, tokenizer = load_model(args)
-        source, backend = model_path(args), TorchBackend(model)
-        schedule = exported_schedule(model.spec, sampling_from_args(args, model.spec))
+        artifact = load_artifact(args)
+        if args.backend == "torch" and artifact is None:
+            backend, base = TorchBackend(model), None
+        else:
+            student, base = local_student(args.backend, model, artifact), artifact.sampling()
+            backend = student if isinstance(student, TorchBackend) else TorchBackend(student)
+        source = model_path(args)
+        schedule = exported_schedule(model.spec, sampling_from_args(args, model.spec, base))
+    elif args.artifact is not None:
+        raise ConfigError(f"--artifact runs on --backend torch or triton; --backend {args.backend} runs its --bundle")
     else:
         backend = student_backend(args.backend, args.onnx, args.threads)
         source, tokenizer = args.onnx, load_tokenizer(args.onnx)

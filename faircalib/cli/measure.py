@@ -9,14 +9,20 @@ import math
 import sys
 
 from faircalib.cli.commands import (
+    LOCAL_BACKENDS,
     join_torchrun,
+    load_artifact,
     load_model,
+    local_student,
     model_path,
     pick_device,
     sampling_from_args,
     student_backend,
 )
 from faircalib.errors import ConfigError
+from faircalib.files import write_json_atomic
+
+LATENCY_PROMPT_TOKENS = 16  # a latency row's prompt: LLaDA's reference 128-token answer then runs over 144
 
 # metric -> (the teacher's own level, which way is better): what the table prints beside each figure
 DIRECTIONS = {
@@ -57,17 +63,13 @@ def parity_table(report: dict) -> str:
 
 def student_of(args: argparse.Namespace, teacher):
     """The student to measure, its artifact (if any) and the schedule it was made for."""
-    from faircalib.calib.artifact import QuantArtifact, model_fingerprint
+    from faircalib.calib.artifact import model_fingerprint
     from faircalib.exporter.schedule_file import read_schedule
     from faircalib.runtime.backends import bundle_manifest
 
-    artifact = QuantArtifact.load(args.artifact) if args.artifact is not None else None
-    if artifact is not None:
-        artifact.check_model(model_path(args))
-    if args.backend == "torch":
-        if artifact is None:
-            raise ConfigError("--backend torch compares the fake-quant student of an --artifact")
-        return artifact.apply(copy.deepcopy(teacher)), artifact, artifact.sampling()
+    artifact = load_artifact(args)
+    if args.backend in LOCAL_BACKENDS:
+        return local_student(args.backend, copy.deepcopy(teacher), artifact), artifact, artifact.sampling()
     student = student_backend(args.backend, args.onnx, args.threads)
     made_for = (bundle_manifest(args.onnx).get("model") or {}).get("fingerprint")
     if made_for is not None and made_for != model_fingerprint(model_path(args)):
@@ -105,7 +107,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     report["backend"] = args.backend
     if artifact is not None:
         report.update(method=artifact.config.method, format=artifact.config.format, artifact=str(args.artifact))
-        if args.backend != "torch":  # the exported student against the PyTorch one it was exported from
+        if args.backend != "torch":  # the exported or kernel-backed student against the PyTorch one
             fake_quant = artifact.apply(copy.deepcopy(teacher))
             report["vs_fake_quant"] = decision_agreement(student, fake_quant, references, sampling, spec)
     failures = check_gate(report, args.gate) if args.gate is not None else []
@@ -123,26 +125,38 @@ def cmd_latency(args: argparse.Namespace) -> int:
     from faircalib.models import DTYPES, load_denoiser
     from faircalib.runtime.backends import OrtBackend, TorchBackend, bundle_manifest
     from faircalib.runtime.latency import step_latency
+    from faircalib.runtime.triton_backend import TritonBackend
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = pick_device(args)
-    model = load_denoiser(model_path(args), dtype, device)
+    path = model_path(args)
+    model = load_denoiser(path, dtype, device)
+    artifact = load_artifact(args)
+    sampling = sampling_from_args(args, model.spec, artifact.sampling() if artifact is not None else None)
+    block = getattr(sampling, "block_length", sampling.gen_length)  # Dream decides over the whole generation
+    seq = args.seq if args.seq is not None else LATENCY_PROMPT_TOKENS + sampling.gen_length
     name = next(key for key, value in DTYPES.items() if value == dtype)
-    backends = [(f"torch-{name}", TorchBackend(model))]
+    backends = [(f"torch-{name}", lambda: TorchBackend(model))]
+    if artifact is not None:
+        fmt = artifact.config.format
+        backends.append((f"torch-{fmt}", lambda: TorchBackend(artifact.apply(copy.deepcopy(model)))))
+        # packed on the host, then moved: the device never holds this copy's full-precision weights
+        backends.append((f"triton-{fmt}", lambda: TritonBackend(load_denoiser(path, dtype, "cpu"), artifact, device)))
     for bundle in args.onnx or []:
-        backends.append((bundle_manifest(bundle)["profile"], OrtBackend(bundle, threads=args.threads)))
+        backends.append((bundle_manifest(bundle)["profile"], lambda b=bundle: OrtBackend(b, threads=args.threads)))
     rows = []
-    for name, backend in backends:
-        row = {"backend": name, **step_latency(backend, args.batch, args.seq, model.spec.vocab_size,
-                                               repeats=args.repeats)}  # fmt: skip
+    for label, build in backends:
+        row = {"backend": label, **step_latency(build(), args.batch, seq, block, model.spec.vocab_size,
+                                                repeats=args.repeats)}  # fmt: skip
         rows.append(row)
-        print(f"{name:14s} batch {args.batch} seq {args.seq}: {row['median_ms']:.2f} ms (p90 {row['p90_ms']:.2f})")
+        memory = f", device peak {row['device_peak_mb']:.0f} MiB" if "device_peak_mb" in row else ""
+        print(f"{label:14s} batch {args.batch} seq {seq}: {row['median_ms']:.2f} ms (p90 {row['p90_ms']:.2f}), "
+              f"host peak {row['host_peak_mb']:.0f} MiB{memory}")  # fmt: skip
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps({"model": str(model_path(args)), "threads": args.threads, "rows": rows}, indent=1) + "\n"
-        )
+        report = {"model": str(path), "device": device, "threads": args.threads, "sampling": sampling.to_json_dict(),
+                  "rows": rows}  # fmt: skip
+        write_json_atomic(args.out, report)
     return 0
 
 
@@ -152,7 +166,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import importlib.util
 
     from faircalib.data import task_of
-    from faircalib.files import write_json_atomic
 
     if importlib.util.find_spec("lm_eval") is None:
         raise ConfigError("lm-evaluation-harness is not installed: pip install 'faircalib[eval]' (lm-eval==0.4.13)")

@@ -144,11 +144,12 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-BACKENDS = ("torch", "ort", "trt", "llamacpp")
+BACKENDS = ("torch", "triton", "ort", "trt", "llamacpp")
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="what runs the student: PyTorch, "
+                        "our Triton kernels (an --artifact's student; their torch references without a GPU), "
                         "ONNX Runtime, TensorRT or llama.cpp (default: torch)")  # fmt: skip
     parser.add_argument("--bundle", "--onnx", dest="onnx", type=Path, help="exported bundle (ort, llamacpp) or "
                         "engine directory (trt) (default: none; needed by every backend but torch)")  # fmt: skip

@@ -23,8 +23,12 @@ class TorchBackend:
         self.model = model
 
     @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L, V] where the model runs, in its dtype (no copy to the host)."""
+        return self.model(input_ids.to(self.model.device))
+
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids.to(self.model.device)).float().cpu()
+        return self.logits(input_ids).float().cpu()
 
 
 class OrtBackend:

@@ -16,6 +16,7 @@ from faircalib.kernels import ops
 from faircalib.kernels.hadamard import OnlineHadamard
 from faircalib.kernels.int4 import pack_int4
 from faircalib.models.base import Denoiser
+from faircalib.runtime.backends import TorchBackend
 
 
 class KernelLinear(nn.Module):
@@ -90,20 +91,15 @@ def swap_kernel_linears(model: Denoiser) -> int:
     return swapped
 
 
-class TritonBackend:
+class TritonBackend(TorchBackend):
     """``backend(input_ids [B, L]) -> logits [B, L, V] float32`` of an artifact's student on the kernels.
 
-    The student is built on the host (where ``model`` is loaded) and moved to ``device`` once its weights
+    ``model`` becomes the student. Loaded on the host and given a ``device``, it moves there once its weights
     are packed, so the device never holds the full-precision weights of a quantized linear."""
 
     name = "triton"
 
     def __init__(self, model: Denoiser, artifact: QuantArtifact, device: torch.device | str | None = None):
-        self.model = artifact.apply(model)
-        self.swapped = swap_kernel_linears(self.model)
-        if device is not None:
-            self.model.to(device)
-
-    @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids.to(self.model.device)).float().cpu()
+        student = artifact.apply(model)
+        self.swapped = swap_kernel_linears(student)
+        super().__init__(student.to(device) if device is not None else student)

@@ -2,6 +2,7 @@
 rotated student (online Hadamard fused), and the bundled model's decisions against the fake-quant student."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -98,3 +99,37 @@ def test_bundled_model_decides_as_the_fake_quant_student(method, abits, group_si
     agreement = decision_agreement(backend, artifact.apply(copy.deepcopy(teacher)), references, sampling, teacher.spec)
     assert agreement["committed_decisions"] >= 8 * sampling.gen_length
     assert agreement["decision_agreement"] >= 0.999, agreement
+
+
+def test_cli_generates_measures_and_times_the_triton_student(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """The verbs' wiring, on the kernels' references (the interpreter takes minutes over parity's forwards)."""
+    from faircalib.cli import main
+
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET")
+
+    model = str(tiny_dirs["bert"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A B C D\nQ R S\nE F G H I\n")
+    artifact = tmp_path / "w4a4"
+    assert main(["calibrate", "--model", model, "--method", "rtn", "--abits", "4", "--calib-prompts", str(prompts),
+                 "--gen-length", "6", "--steps", "6", "--out", str(artifact), "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+
+    def run(*argv):
+        code = main([*argv, "--model", model])
+        return code, capsys.readouterr()
+
+    code, out = run("generate", "--backend", "triton", "--artifact", str(artifact), "--prompt", "A B", "--json")
+    assert code == 0 and len(json.loads(out.out)["generated_ids"]) == 6
+    code, out = run("parity", "--backend", "triton", "--artifact", str(artifact), "--prompts", str(prompts), "--json",
+                    "--quiet")  # fmt: skip
+    report = json.loads(out.out)
+    assert code == 0 and report["backend"] == "triton" and report["vs_fake_quant"]["decision_agreement"] == 1.0
+    latency = tmp_path / "latency.json"
+    code, out = run("latency", "--artifact", str(artifact), "--repeats", "2", "--batch", "2", "--out", str(latency))
+    rows = json.loads(latency.read_text())["rows"]
+    assert code == 0 and [r["backend"] for r in rows] == ["torch-fp32", "torch-W4A4", "triton-W4A4"]
+    assert all(r["seq"] == 16 + 6 and r["block_length"] == 6 and r["median_ms"] > 0 for r in rows)
+    code, out = run("generate", "--backend", "triton", "--prompt", "A B")
+    assert code == 2 and "give its --artifact" in out.err
