@@ -96,10 +96,12 @@ bench: install
 	$(MAKE) latency
 
 # On a CUDA machine: calibration time and peak memory at LLaDA-8B scale (its architecture, random weights),
-# and the online Hadamard's speed; GPU_FLAGS e.g. "--layers 4 --methods fair gptq-recon" (docs/RESULTS.md).
+# and the online Hadamard's speed; GPU_FLAGS e.g. "--layers 4 --methods fair gptq-recon" (docs/RESULTS.md);
+# then the Triton kernels against bf16 and one denoising step of the 8B-shaped model per format.
 GPU_FLAGS ?=
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu_scale.py --out runs/gpu-scale $(GPU_FLAGS)
+	$(BIN)/python benchmarks/gpu_kernels.py --out runs/gpu-kernels
 
 # Per-step latency of one denoiser forward on ONNX Runtime CPU (one thread) for the fp32, W4A16 and
 # W8A8 (static INT8 Q/DQ) exports against PyTorch fp32; latency does not depend on the calibration

@@ -3,6 +3,10 @@ rotated student (online Hadamard fused), and the bundled model's decisions again
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +137,17 @@ def test_cli_generates_measures_and_times_the_triton_student(tiny_dirs, tmp_path
     assert all(r["seq"] == 16 + 6 and r["block_length"] == 6 and r["median_ms"] > 0 for r in rows)
     code, out = run("generate", "--backend", "triton", "--prompt", "A B")
     assert code == 2 and "give its --artifact" in out.err
+
+
+@pytest.mark.slow
+def test_gpu_kernel_benchmark_runs_at_tiny_shapes(tmp_path):
+    """benchmarks/gpu_kernels.py, prepared here for a GPU session, at tiny shapes (the references off a GPU)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = [sys.executable, str(root / "benchmarks" / "gpu_kernels.py"), "--smoke", "--repeats", "1"]
+    subprocess.run([*script, "--out", str(tmp_path)], check=True, env=env, capture_output=True)
+    gemm = json.loads((tmp_path / "gemm.json").read_text())
+    assert all(row["int_gemm_exact"] for row in gemm if "int_gemm_exact" in row)
+    steps = json.loads((tmp_path / "step.json").read_text())
+    assert {row["model"] for row in steps} == {"bf16", "W8A8", "W4A8", "W4A4", "W4A16"}
+    assert all(row["step_ms"] > 0 and row["profile"] for row in steps)
