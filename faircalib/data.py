@@ -115,6 +115,34 @@ def calibration_data(
     return PromptData(read_prompt_file(path, tokenizer, n, prompt_tokens), windows, description)
 
 
+@torch.no_grad()
+def self_written_data(model: Any, n: int, prompt_tokens: int | None, gen_length: int, seed: int = 0) -> PromptData:
+    """Calibration data the teacher writes itself, for a user with nothing but the checkpoint.
+
+    Each of ``n`` sequences of ``prompt_tokens + gen_length`` opens with one token drawn from the teacher's
+    own distribution at the first position of a fully masked sequence (specials excluded); its reference
+    sampler writes the rest at temperature 1. The first ``prompt_tokens`` are the prompt, the whole sequence a
+    text window."""
+    from faircalib.sampling import default_sampling, generate
+
+    tokens = prompt_tokens or DEFAULT_PROMPT_TOKENS
+    length, spec = tokens + gen_length, model.spec
+    masked = torch.full((1, length), spec.mask_token_id, dtype=torch.long, device=model.device)
+    first = model(masked)[0, 0].float().cpu()
+    first[[spec.mask_token_id, *spec.eos_token_ids]] = float("-inf")
+    openings = torch.multinomial(first.softmax(-1), n, replacement=True, generator=torch.Generator().manual_seed(seed))
+    # sampled at temperature 1, as the teacher's own distribution: greedy decoding from one token repeats itself
+    lengths = {"gen_length": length - 1, "steps": length - 1, "temperature": 1.0}
+    sampling = default_sampling(spec, **lengths, **({} if spec.sampler == "dream" else {"block_length": length - 1}))
+    rows = []
+    for batch in openings.split(16):
+        written = generate(model, batch.unsqueeze(1), sampling, spec, seed=seed).generated.cpu()
+        rows.append(torch.cat([batch.unsqueeze(1), written], dim=1))
+    windows = torch.cat(rows)
+    description = {"source": "self-written by the teacher", "prompt_tokens": tokens, "seed": seed}
+    return PromptData(windows[:, :tokens].tolist(), windows, description)
+
+
 def evaluation_data(
     tokenizer: Any, n: int, prompt_tokens: int | None, gen_length: int, path: Path | None,
     task: dict[str, Any] | None = None,

@@ -18,12 +18,12 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from faircalib.bench.report import METRICS, flip_curve_svg, markdown_table, summarise
 from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.config import FORMATS, METHODS, QuantConfig, preset
-from faircalib.data import PromptData, calibration_data, task_data, task_of
+from faircalib.data import PromptData, calibration_data, self_written_data, task_data, task_of
 from faircalib.errors import ConfigError
 from faircalib.models import load_denoiser, load_tokenizer
 from faircalib.models.tokenizer import encode_prompt
@@ -54,6 +54,7 @@ class BenchConfig:
     # Re-measure parity on the artifacts of an earlier run in ``out``, keeping its calibration time and
     # memory (after a metric changes, without recalibrating).
     reuse_artifacts: bool = False
+    calib_source: Literal["dataset", "self"] = "dataset"  # "self": prompts the teacher writes itself
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS] + [f for f in self.formats if f not in FORMATS]
@@ -61,6 +62,8 @@ class BenchConfig:
             raise ConfigError(f"unknown methods/formats: {', '.join(unknown)}")
         if self.eval_windows_per_article < 1 or (self.n_nll_windows is not None and self.n_nll_windows < 1):
             raise ConfigError("eval_windows_per_article and n_nll_windows must be >= 1")
+        if self.calib_source not in ("dataset", "self"):
+            raise ConfigError(f"calib_source is dataset or self, got {self.calib_source}")
         if self.post_commit_probes < 1:
             raise ConfigError(f"post_commit_probes must be >= 1, got {self.post_commit_probes}")
         parse_overrides(self.overrides)
@@ -169,9 +172,12 @@ def measure(cfg: BenchConfig, ev: Evaluation, artifact_dir: Path) -> dict:
     return row
 
 
-def seed_data(cfg: BenchConfig, seed: int, texts: list[str], text: bool) -> PromptData:
+def seed_data(cfg: BenchConfig, ev: Evaluation, seed: int, texts: list[str], text: bool) -> PromptData:
     """Calibration seed ``seed``'s slice of the calibration split (a task model's calibration problems, or
-    Wikipedia articles, written down beside the results)."""
+    Wikipedia articles, written down beside the results), or what the teacher writes with that seed."""
+    if cfg.calib_source == "self":  # prompts as long as the evaluation's (a task model's problems)
+        tokens = len(ev.prompts[0]) if ev.judge is not None else cfg.prompt_tokens
+        return self_written_data(ev.teacher, cfg.n_calib_prompts, tokens, cfg.sampling().gen_length, seed)
     tokenizer = load_tokenizer(Path(cfg.model))
     task = task_of(Path(cfg.model))
     if task is not None:
@@ -218,7 +224,7 @@ def bench_one(cfg: BenchConfig, ev: Evaluation, method: str, fmt: str, seed: int
         if previous is not None and "error" not in previous and (artifact / "manifest.json").is_file():
             row["calib_seconds"] = previous["calib_seconds"]
         else:
-            data = seed_data(cfg, seed, texts, qcfg.states == "text")
+            data = seed_data(cfg, ev, seed, texts, qcfg.states == "text")
             log = Path(cfg.out) / "logs" / f"{name}.log"
             row["calib_seconds"] = calibrate_in_process(cfg, qcfg, data, artifact, log)
     except ConfigError as err:

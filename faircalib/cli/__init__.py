@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the export profile to calibrate for: sets the bits, group size, symmetry and activation "
                      "scales it takes, and refuses flags it cannot express (default: none)")  # fmt: skip
     add_prompt_args(cal, "--calib-prompts", "calib", None)
+    cal.add_argument("--calib-source", choices=("dataset", "self"), default="dataset", help="calibration prompts: "
+                     "--calib-prompts or the built-in split (dataset), or written by the model itself at "
+                     "temperature 1 (self: a checkpoint is all it needs) (default: dataset)")  # fmt: skip
     cal.add_argument("--out", type=Path, required=True, help="artifact directory to write (OUT.partial/ while running)")
     cal.add_argument("--overwrite", **overwrite)
     add_quiet(cal)

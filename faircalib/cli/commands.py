@@ -208,15 +208,20 @@ def quant_config_from_args(args: argparse.Namespace, model):
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from faircalib.api import calibrate_to, quantize
-    from faircalib.data import calibration_data, task_of
+    from faircalib.data import calibration_data, self_written_data, task_of
     from faircalib.exporter.profiles import exportable_as
 
     rank = join_torchrun(args)
     model, tokenizer = load_model(args)
     cfg = quant_config_from_args(args, model)
     sampling = sampling_from_args(args, model.spec)
-    data = calibration_data(tokenizer, cfg.n_prompts, args.prompt_tokens, sampling.gen_length, args.calib_prompts,
-                            text=cfg.states == "text", task=task_of(model_path(args)))  # fmt: skip
+    if args.calib_source == "self":
+        if args.calib_prompts is not None:
+            raise ConfigError("--calib-source self writes its own prompts: drop --calib-prompts")
+        data = self_written_data(model, cfg.n_prompts, args.prompt_tokens, sampling.gen_length, cfg.seed)
+    else:
+        data = calibration_data(tokenizer, cfg.n_prompts, args.prompt_tokens, sampling.gen_length, args.calib_prompts,
+                                text=cfg.states == "text", task=task_of(model_path(args)))  # fmt: skip
     if rank > 0:  # shares Stage I's batches with the first process, which alone writes --out
         quantize(model, cfg, data.prompts, sampling, inplace=True, text_windows=data.text_windows)
         return 0

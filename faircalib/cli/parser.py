@@ -65,6 +65,7 @@ FIELD_HELP = {
     "out": "output directory: results.json, results.md and flip_curves_<format>.svg",
     "overrides": "QuantConfig fields for every run as FIELD=VALUE, e.g. rotation_steps=0 block_transforms=false",
     "reuse_artifacts": "measure parity again on the artifacts of an earlier run in --out, keeping its times",
+    "calib_source": "calibration prompts: the dataset's, or written by the teacher itself (no data needed)",
     # EngineConfig
     "min_seq": "shortest sequence the engine takes",
     "opt_seq": "sequence length the engine is tuned for",
