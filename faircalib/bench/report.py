@@ -1,8 +1,7 @@
-"""The benchmark's summaries: mean and spread over seeds, the markdown table, per-step flip curves as SVG."""
+"""The benchmark's summaries: mean and spread over seeds, and the markdown table."""
 
 from __future__ import annotations
 
-import math
 from statistics import mean, stdev
 
 from faircalib.sampling.metrics import PARITY_METRICS
@@ -59,39 +58,3 @@ def markdown_table(summary: list[dict], cfg, teacher_post_commit: float | None =
                 cells.append(f"{value:.4f} +- {spread:.4f}")
         lines.append(f"| {entry['format']} | {entry['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def flip_curve_svg(rows: list[dict], fmt: str, width: int = 640, height: int = 360) -> str:
-    """Mean per-step frontier flip rate per method, as a dependency-free SVG line chart."""
-    curves: dict[str, list[list[float | None]]] = {}
-    for row in rows:
-        if row["format"] == fmt and "flip_curve" in row:
-            curves.setdefault(row["method"], []).append(row["flip_curve"])
-    pad, colors = 48, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
-    means = {}
-    for method, runs in curves.items():
-        steps = len(runs[0])
-        means[method] = [mean(v) if (v := [r[i] for r in runs if r[i] is not None]) else math.nan for i in range(steps)]
-    top = max([v for m in means.values() for v in m if not math.isnan(v)] + [1e-3])
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-        f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-        f'<text x="{width / 2}" y="18" text-anchor="middle">frontier flip rate per step, {fmt}</text>',
-        f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" stroke="black"/>',
-        f'<line x1="{pad}" y1="30" x2="{pad}" y2="{height - pad}" stroke="black"/>',
-        f'<text x="{pad - 4}" y="34" text-anchor="end">{top:.2f}</text>',
-        f'<text x="{pad - 4}" y="{height - pad}" text-anchor="end">0</text>',
-        f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">denoising step</text>',
-    ]
-    for k, (method, values) in enumerate(sorted(means.items())):
-        n = max(1, len(values) - 1)
-        points = " ".join(
-            f"{pad + i * (width - pad - 10) / n:.1f},{height - pad - v / top * (height - pad - 30):.1f}"
-            for i, v in enumerate(values)
-            if not math.isnan(v)
-        )
-        color = colors[k % len(colors)]
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{points}"/>')
-        parts.append(f'<text x="{width - 120}" y="{40 + 16 * k}" fill="{color}">{method}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"

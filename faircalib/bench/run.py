@@ -1,5 +1,5 @@
 """Every method x format x calibration seed on one model: parity on held-out prompts, calibration wall time
-and peak memory. Writes results.json, results.md and one SVG of per-step frontier flip curves per format.
+and peak memory. Writes results.json, results.md and report.html (methods side by side, per-step flip curves).
 
 Each calibration runs in a process of its own, so its wall time and peak resident memory (the high-water
 mark it records in its manifest) are its own. Calibration seed s uses the s-th disjoint slice of the
@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from faircalib.bench.report import METRICS, flip_curve_svg, markdown_table, summarise
+from faircalib.bench.page import bench_page
+from faircalib.bench.report import METRICS, markdown_table, summarise
 from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.config import FORMATS, METHODS, QuantConfig, preset
 from faircalib.data import PromptData, calibration_data, self_written_data, task_data, task_of
@@ -207,8 +208,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         (out / "results.json").write_text(json.dumps({"config": asdict(cfg), **own, "runs": rows}, indent=1))
     summary = summarise(rows)
     (out / "results.md").write_text(markdown_table(summary, cfg, ev.post_commit))
-    for fmt in cfg.formats:
-        (out / f"flip_curves_{fmt}.svg").write_text(flip_curve_svg(rows, fmt))
+    bench_page(rows, summary, cfg, out)
     return {"config": asdict(cfg), **own, "runs": rows, "summary": summary}
 
 

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="committed positions masked again per row and step to estimate the post-commit metrics: "
                      "more costs forwards and lowers their noise (default: 4)")  # fmt: skip
     par.add_argument("--json", action="store_true", help="print the whole report, curves included, as JSON")
+    par.add_argument("--report", type=Path, help="write report.html with figures of where decisions break to this "
+                     "directory (default: none)")  # fmt: skip
     par.add_argument("--gate", help="ship gate, e.g. \"frontier_flip_rate<=0.03,exact_match>=0.2\": exit 1 with a line "
                      "per metric that misses (default: none)")  # fmt: skip
     add_quiet(par)
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=measure.cmd_eval)
 
     bench = verbs.add_parser("bench", help="every method x format x seed on one model: parity, time, memory; "
-                             "writes results.json, results.md and flip_curves_<format>.svg to --out")  # fmt: skip
+                             "writes results.json, results.md and report.html to --out")  # fmt: skip
     add_dataclass_args(bench, BenchConfig)
     bench.set_defaults(run=commands.cmd_bench)
 

@@ -296,5 +296,5 @@ def cmd_bench(args: argparse.Namespace) -> int:
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}
     cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if v is not None})
     run_bench(cfg)
-    print(f"wrote {cfg.out}/results.json, results.md and flip_curves_*.svg", file=sys.stderr)
+    print(f"wrote {cfg.out}/results.json, results.md and report.html", file=sys.stderr)
     return 0

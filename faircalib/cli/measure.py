@@ -114,6 +114,11 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if args.gate is not None:
         report["gate"] = {"rules": args.gate, "passed": not failures, "failures": failures}
     print(json.dumps(report) if args.json else parity_table(report))
+    if args.report is not None:
+        from faircalib.bench.page import parity_page
+
+        page = parity_page(report, args.report, getattr(sampling, "block_length", sampling.gen_length))
+        print(f"wrote {page}", file=sys.stderr)
     for line in failures:
         print(f"faircalib: gate failed: {line}", file=sys.stderr)
     return 1 if failures else 0

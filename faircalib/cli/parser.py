@@ -62,7 +62,7 @@ FIELD_HELP = {
     "block_length": "semi-autoregressive block length",
     "steps": "denoising steps",
     "post_commit_probes": "committed positions masked again per row and step for the post-commit metrics",
-    "out": "output directory: results.json, results.md and flip_curves_<format>.svg",
+    "out": "output directory: results.json, results.md and report.html with its figures",
     "overrides": "QuantConfig fields for every run as FIELD=VALUE, e.g. rotation_steps=0 block_transforms=false",
     "reuse_artifacts": "measure parity again on the artifacts of an earlier run in --out, keeping its times",
     "calib_source": "calibration prompts: the dataset's, or written by the teacher itself (no data needed)",

@@ -33,6 +33,8 @@ from faircalib.sampling.schedule import Schedule
 from faircalib.sampling.trajectory import GenerationResult
 
 TEACHER_FORCED = ("teacher_commits", "flips", "set_misses", "student_commits", "write_errors", "margin_error")
+# The teacher's commit leads (top-1 minus runner-up logit, nats) are counted in these bins; the last is open.
+LEAD_BINS = torch.linspace(0.0, 12.0, 49)
 # The rates ``ParityTally.summary`` reports, in the order reports print them.
 PARITY_METRICS = (
     "frontier_flip_rate",
@@ -61,6 +63,9 @@ def teacher_forced_counts(
       logit gap between the teacher's two best tokens there. Most flips are this gap changing sign, and
       the sum sees every commit moving towards one, not only the few that cross: a measure of decision
       fidelity with far less sampling noise than the flip count.
+
+    Beside them, where decisions break: ``commits_at`` / ``flips_at`` [gen_length] by generated position,
+    and ``lead_commits`` / ``lead_flips`` [len(LEAD_BINS)], the teacher's commits and flips by its lead.
     """
     if teacher.trajectory is None:
         raise ConfigError("teacher-forced parity needs the teacher's trajectory (generate(..., record=True))")
@@ -68,13 +73,23 @@ def teacher_forced_counts(
         raise ConfigError("teacher-forced parity needs a deterministic schedule (temperature 0, no random remasking)")
     counts = {name: torch.zeros(len(schedule.steps), dtype=torch.long) for name in TEACHER_FORCED}
     counts["margin_error"] = counts["margin_error"].double()
+    start = teacher.prompt_length
+    for name, size in (("commits_at", teacher.tokens.shape[1] - start), ("flips_at", teacher.tokens.shape[1] - start),
+                       ("lead_commits", len(LEAD_BINS)), ("lead_flips", len(LEAD_BINS))):  # fmt: skip
+        counts[name] = torch.zeros(size, dtype=torch.long)
     for index, record in enumerate(teacher.trajectory.steps):
         x = record.tokens
         logits = step_logits(student, x, teacher.prompt_length, sampling, spec)
         mine = decide(logits, x, index, schedule.steps[index], teacher.prompt_length, sampling, spec)
         theirs = record.committed
+        flipped = theirs & (mine.candidates != record.committed_tokens)
         counts["teacher_commits"][index] = int(theirs.sum())
-        counts["flips"][index] = int((theirs & (mine.candidates != record.committed_tokens)).sum())
+        counts["flips"][index] = int(flipped.sum())
+        counts["commits_at"] += theirs[:, start:].sum(0).cpu()
+        counts["flips_at"] += flipped[:, start:].sum(0).cpu()
+        bins = torch.bucketize(record.logit_gap.float().cpu(), LEAD_BINS, right=True).clamp(1, len(LEAD_BINS)) - 1
+        counts["lead_commits"] += torch.bincount(bins[theirs.cpu()], minlength=len(LEAD_BINS))
+        counts["lead_flips"] += torch.bincount(bins[flipped.cpu()], minlength=len(LEAD_BINS))
         counts["set_misses"][index] = int((theirs & ~mine.committed).sum())
         counts["student_commits"][index] = int(mine.committed.sum())
         counts["write_errors"][index] = int((mine.committed & (mine.candidates != teacher.tokens)).sum())
@@ -228,8 +243,17 @@ class ParityTally:
             "curves": {
                 "frontier_flip_rate": _curve(f["flips"], f["teacher_commits"]),
                 "commit_set_disagreement": _curve(f["set_misses"], f["teacher_commits"]),
+                "frontier_write_error": _curve(f["write_errors"], f["student_commits"]),
                 "post_commit_mismatch": _curve(r["post_commit_mismatches"], r["settled_pairs"]),
                 "post_commit_mismatch_forced": _curve(s["post_commit_mismatches"], s["settled_pairs"]),
+            },
+            # where decisions break: by generated position, and by how far the teacher's choice led
+            "breakdown": {
+                "commits_at": f["commits_at"].tolist(),
+                "flips_at": f["flips_at"].tolist(),
+                "lead_bins": LEAD_BINS.tolist(),
+                "lead_commits": f["lead_commits"].tolist(),
+                "lead_flips": f["lead_flips"].tolist(),
             },
         }
 

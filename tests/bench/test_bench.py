@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faircalib.bench import BenchConfig, flip_curve_svg, markdown_table, summarise
+from faircalib.bench import BenchConfig, bench_page, markdown_table, summarise
 from faircalib.errors import ConfigError
 
 
@@ -30,14 +30,17 @@ def test_summary_means_and_spread_over_seeds():
     assert summary[("W4A16", "quarot")]["failed"] == 1 and summary[("W4A16", "quarot")]["frontier_flip_rate"] is None
 
 
-def test_markdown_and_svg_render():
+def test_markdown_and_page_render(tmp_path):
     table = markdown_table(summarise(rows()), BenchConfig())
     assert "| W4A16 | fair | 0.1100 +- 0.0100 |" in table and "failed" in table and "teacher's own" not in table
     assert "teacher's own post_commit_mismatch on these prompts is 0.1127" in markdown_table(
         summarise(rows()), BenchConfig(), teacher_post_commit=0.11268
     )
-    svg = flip_curve_svg(rows(), "W4A16")
-    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and ">fair<" in svg
+    page = bench_page(rows(), summarise(rows()), BenchConfig(), tmp_path)
+    text = page.read_text()
+    assert "<h2>W4A16</h2>" in text and "0.1100 ± 0.0100" in text
+    for image in ("methods_W4A16.png", "curves_W4A16.png"):
+        assert f'src="{image}"' in text and (tmp_path / image).read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
