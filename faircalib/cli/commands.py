@@ -207,7 +207,8 @@ def quant_config_from_args(args: argparse.Namespace, model):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from faircalib.api import calibrate_to, quantize
+    from faircalib.api import calibrate_to
+    from faircalib.calib.runner import stage_one
     from faircalib.data import calibration_data, self_written_data, task_of
     from faircalib.exporter.profiles import exportable_as
 
@@ -222,8 +223,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         data = calibration_data(tokenizer, cfg.n_prompts, args.prompt_tokens, sampling.gen_length, args.calib_prompts,
                                 text=cfg.states == "text", task=task_of(model_path(args)))  # fmt: skip
-    if rank > 0:  # shares Stage I's batches with the first process, which alone writes --out
-        quantize(model, cfg, data.prompts, sampling, inplace=True, text_windows=data.text_windows)
+    if rank > 0:  # decodes its share of Stage I's batches; the first process alone runs Stage II and writes --out
+        stage_one(model, cfg, sampling, data.prompts, data.text_windows, None, quiet=True)
         return 0
     partial = args.out.with_name(args.out.name + ".partial")
     args.interrupted = f"what was finished is kept in {partial}: run the same command again to resume"
