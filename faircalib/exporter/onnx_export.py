@@ -50,6 +50,7 @@ def export_student(student: Denoiser, prof: Profile, opset: int = OPSET) -> onnx
             output_names=["logits"], dynamic_shapes={"input_ids": {0: batch, 1: seq}}, verbose=False,
         )  # fmt: skip
     model = program.model_proto
+    del program  # it holds the traced graph and its constants: the proto is all the passes need
     if not prof.quantized:
         return model
     scale_dtype = np.float16 if prof.dtype == torch.float16 else np.float32

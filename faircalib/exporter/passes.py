@@ -20,11 +20,13 @@ from faircalib.models.base import Denoiser
 
 @dataclass(frozen=True)
 class FoldedWeight:
-    """W^T [K, N] as the student multiplies it, in float32 (what the exporter folds into an initializer):
-    the dequantized weight, or, when ``scaled_after`` (per-token quantized activations), the centred
-    codes whose scales are applied after the product."""
+    """How to recognise W^T [K, N] as the student multiplies it (what the exporter folds into an initializer):
+    the sha256 and size of its float32 values, the dequantized weight or, when ``scaled_after`` (per-token
+    quantized activations), the centred codes whose scales are applied after the product. Only the digest is
+    kept: holding every layer's float32 values at once would cost the whole model's size again."""
 
-    values: np.ndarray
+    digest: str
+    size: int
     quantized: QuantizedWeight
     scaled_after: bool
 
@@ -39,9 +41,9 @@ def quantized_layers(student: Denoiser) -> dict[str, FoldedWeight]:
                 if not isinstance(layer, QuantLinear):
                     raise ConfigError(f"blocks.{index}.{name} is not quantized")
                 scaled_after = layer.weight is None
-                values = layer.weight_codes if scaled_after else layer.weight.T
+                values = (layer.weight_codes if scaled_after else layer.weight.T).detach().float().contiguous()
                 layers[f"blocks.{index}.{name}"] = FoldedWeight(
-                    values.detach().float().contiguous().numpy(), layer.quantized, scaled_after
+                    _digest(values.numpy()), values.numel(), layer.quantized, scaled_after
                 )
     return layers
 
@@ -64,7 +66,7 @@ def quantize_weight_initializers(model: onnx.ModelProto, layers: dict[str, Folde
     Returns how many initializers were replaced; every layer must be found exactly once.
     """
     graph = model.graph
-    wanted = {_digest(layer.values): (key, layer) for key, layer in layers.items()}
+    wanted = {layer.digest: (key, layer) for key, layer in layers.items()}
     if len(wanted) != len(layers):
         raise ConfigError("two quantized layers have identical weights: cannot tell their initializers apart")
     found: dict[str, str] = {}  # layer key -> the initializer it replaced
@@ -76,7 +78,7 @@ def quantize_weight_initializers(model: onnx.ModelProto, layers: dict[str, Folde
             continue
         value = numpy_helper.to_array(init)
         match = wanted.get(_digest(value.astype(np.float32, copy=False)))
-        if match is None or value.size != match[1].values.size:
+        if match is None or value.size != match[1].size:
             continue
         key, folded = match
         if key in found:

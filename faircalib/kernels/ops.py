@@ -110,7 +110,8 @@ def int_gemm(
     a_codes, w_codes, w_scale = a_codes.contiguous(), w_codes.contiguous(), w_scale.float().contiguous()
     n = w_codes.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=a_codes.device)
-    tiles = _tiles(m, a_codes, block_k=128)
+    # a K tile within one weight group (int8 tensor cores take K tiles of 32 and up)
+    tiles = _tiles(m, a_codes, block_k=min(128, max(32, 1 << (group.bit_length() - 1))))
     _kernels().int_gemm_kernel[_grid(m, n, tiles)](
         a_codes, a_scale.float().contiguous(), w_codes, w_scale, bias if bias is not None else w_scale, y,
         m, n, k, group, w_scale.shape[1], a_codes.stride(0), w_codes.stride(0), w_scale.stride(0), y.stride(0),
