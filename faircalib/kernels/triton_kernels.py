@@ -15,12 +15,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_ROUNDER = 12582912.0  # 1.5 * 2^23: v + it - it rounds v to an integer, ties to even, for |v| < 2^22
+_ROUNDER = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + it - it rounds v to an integer, ties to even, |v| < 2^22
 
 
 @triton.jit
 def _rint(v):
     return (v + _ROUNDER) - _ROUNDER
+
+
+@triton.jit
+def _div(a, b):
+    """a / b correctly rounded (Triton's own float32 division is approximate on a GPU); b may be a scalar."""
+    return tl.math.div_rn(a, b + tl.zeros_like(a))
 
 
 @triton.jit
@@ -176,19 +182,19 @@ def quantize_rows_kernel(
                 hi = tl.maximum(hi, v)
                 lo = tl.minimum(lo, v)
         if SYMMETRIC:
-            scale = tl.maximum(tl.math.div_rn(tl.max(hi, 0) * clip_ratio, QMAX * 1.0), 1e-10)
+            scale = tl.maximum(_div(tl.max(hi, 0) * clip_ratio, QMAX * 1.0), 1e-10)
             zero = 0.0
         else:
             span = tl.max(hi, 0) * clip_ratio - tl.min(lo, 0) * clip_ratio
-            scale = tl.maximum(tl.math.div_rn(span, QMAX * 1.0), 1e-10)
-            zero = _rint(tl.math.div_rn(-(tl.min(lo, 0) * clip_ratio), scale))
+            scale = tl.maximum(_div(span, QMAX * 1.0), 1e-10)
+            zero = _rint(_div(-(tl.min(lo, 0) * clip_ratio), scale))
     for start in range(0, K, BLOCK):
         offs, v = _row_chunk(x_ptr, row, start, K, stride_xm, BLOCK, HADAMARD, inv_sqrt)
         if STATIC:
             q = tl.minimum(tl.maximum(_rint(v * static_inverse), -QMAX - 1.0), QMAX * 1.0)
         elif SYMMETRIC:
-            q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, scale)), -QMAX - 1.0), QMAX * 1.0)
+            q = tl.minimum(tl.maximum(_rint(_div(v, scale)), -QMAX - 1.0), QMAX * 1.0)
         else:
-            q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, scale) + zero), 0.0), QMAX * 1.0) - zero
+            q = tl.minimum(tl.maximum(_rint(_div(v, scale) + zero), 0.0), QMAX * 1.0) - zero
         tl.store(codes_ptr + row * stride_cm + offs, q.to(tl.int8), mask=offs < K)
     tl.store(scale_ptr + row, scale)
