@@ -5,9 +5,10 @@ Export is a sequence of graph-to-graph steps (the way NVIDIA modelopt does it):
 1. torch.onnx.export (dynamo) of the fake-quant student: rotations, online Hadamards and per-token
    activation fake-quant arithmetic come out as ordinary ops; each quantized linear becomes a MatMul
    whose weight is a constant-folded float initializer W^T [K, N].
-2. ``quantize_weight_initializers`` finds each of those initializers by content and replaces it with the
-   integer codes [K, N], their scales (and zero-points) and a DequantizeLinear: blocked along K for
-   group-wise weights, per output channel otherwise.
+2. ``detach_weight_initializers`` finds each of those initializers by content in the exporter's graph and
+   leaves a placeholder, so the proto never holds the float weights; ``quantize_weight_initializers`` puts
+   the integer codes [K, N], their scales (and zero-points) and a DequantizeLinear in its place: blocked
+   along K for group-wise weights, per output channel otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from faircalib.errors import ConfigError
 from faircalib.exporter.bundle import bundle_files, prepare, write_bundle
 from faircalib.exporter.passes import (
     dedicated_activation_qdq,
+    detach_weight_initializers,
     half_precision_activation_qdq,
     quantize_weight_initializers,
     quantized_layers,
@@ -49,13 +51,15 @@ def export_student(student: Denoiser, prof: Profile, opset: int = OPSET) -> onnx
             student, (example,), dynamo=True, opset_version=opset, input_names=["input_ids"],
             output_names=["logits"], dynamic_shapes={"input_ids": {0: batch, 1: seq}}, verbose=False,
         )  # fmt: skip
+    if not prof.quantized:
+        return program.model_proto
+    # W^T is read from the student in its own dtype, so an fp16 initializer matches it exactly in float32.
+    layers = quantized_layers(student)
+    found = detach_weight_initializers(program.model.graph, layers)  # before the proto: no float weights in it
     model = program.model_proto
     del program  # it holds the traced graph and its constants: the proto is all the passes need
-    if not prof.quantized:
-        return model
     scale_dtype = np.float16 if prof.dtype == torch.float16 else np.float32
-    # W^T is read from the student in its own dtype, so an fp16 initializer matches it exactly in float32.
-    quantize_weight_initializers(model, quantized_layers(student), scale_dtype)
+    quantize_weight_initializers(model, layers, found, scale_dtype)
     if prof.dtype == torch.float16:
         half_precision_activation_qdq(model)
     if prof.static_activations:

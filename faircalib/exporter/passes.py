@@ -59,41 +59,59 @@ def _integer_array(codes: torch.Tensor, bits: int, signed: bool) -> np.ndarray:
     return values.astype(np.int8 if signed else np.uint8)
 
 
-def quantize_weight_initializers(model: onnx.ModelProto, layers: dict[str, FoldedWeight], scale_dtype: np.dtype) -> int:
-    """Replace every initializer equal to a layer's folded W^T by codes + DequantizeLinear.
+def detach_weight_initializers(graph, layers: dict[str, FoldedWeight]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Find each layer's folded W^T among the initializers of the exporter's graph (an ``onnx_ir`` graph, before
+    any proto exists) and put a one-element placeholder in its place, so the float weights are never copied
+    into the proto. Returns initializer name -> (layer key, shape); every layer must be found exactly once.
 
-    A W^T that holds the centred codes themselves (``scaled_after``) dequantizes with unit scales.
-    Returns how many initializers were replaced; every layer must be found exactly once.
-    """
-    graph = model.graph
-    wanted = {layer.digest: (key, layer) for key, layer in layers.items()}
+    A W^T can also be integer-typed: a student keeping its centred codes as int8 / int16 exports them as such,
+    cast to float where they are multiplied."""
+    import onnx_ir as ir
+
+    wanted = {layer.digest: key for key, layer in layers.items()}
     if len(wanted) != len(layers):
         raise ConfigError("two quantized layers have identical weights: cannot tell their initializers apart")
-    found: dict[str, str] = {}  # layer key -> the initializer it replaced
-    # integer initializers too: a student keeping its centred codes as int8 / int16 exports them as such,
-    # cast to float where they are multiplied
-    kinds = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.INT16)
-    for init in list(graph.initializer):
-        if init.data_type not in kinds:
+    kinds = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.INT16)
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype not in kinds:
             continue
-        value = numpy_helper.to_array(init)
-        match = wanted.get(_digest(value.astype(np.float32, copy=False)))
-        if match is None or value.size != match[1].size:
+        array = tensor.numpy()
+        key = wanted.get(_digest(array.astype(np.float32, copy=False)))
+        if key is None or array.size != layers[key].size:
             continue
-        key, folded = match
-        if key in found:
+        if any(key == seen for seen, _ in found.values()):
             raise ConfigError(f"layer {key} appears twice in the exported graph")
-        found[key] = init.name
+        found[name] = (key, tuple(array.shape))
+        value.const_value = ir.Tensor(np.zeros(1, array.dtype), name=name)
+    missing = sorted(set(layers) - {key for key, _ in found.values()})
+    if missing:
+        raise ConfigError(f"the exported graph has no weight initializer for {', '.join(missing[:3])}")
+    return found
+
+
+def quantize_weight_initializers(
+    model: onnx.ModelProto, layers: dict[str, FoldedWeight], found: dict[str, tuple[str, tuple[int, ...]]],
+    scale_dtype: np.dtype,
+) -> int:  # fmt: skip
+    """Replace each placeholder ``detach_weight_initializers`` left by the layer's codes + DequantizeLinear.
+
+    A W^T that holds the centred codes themselves (``scaled_after``) dequantizes with unit scales.
+    Returns how many initializers were replaced."""
+    graph = model.graph
+    replaced = [init for init in graph.initializer if init.name in found]
+    for init in replaced:
+        key, shape = found[init.name]
         graph.initializer.remove(init)
-        initializers, nodes = _dequantize(key, folded, init.name, tuple(value.shape), scale_dtype)
+        initializers, nodes = _dequantize(key, layers[key], init.name, shape, scale_dtype)
         graph.initializer.extend(initializers)
         for node in reversed(nodes):
             graph.node.insert(0, node)
-    missing = sorted(set(layers) - set(found))
-    if missing:
-        raise ConfigError(f"the exported graph has no weight initializer for {', '.join(missing[:3])}")
-    _drop_stale_casts(graph, set(found.values()), helper.np_dtype_to_tensor_dtype(np.dtype(scale_dtype)))
-    return len(found)
+    if len(replaced) != len(found):
+        raise ConfigError("the exported proto lost a weight initializer")
+    _drop_stale_casts(graph, set(found), helper.np_dtype_to_tensor_dtype(np.dtype(scale_dtype)))
+    return len(replaced)
 
 
 def _dequantize(
