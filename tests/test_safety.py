@@ -75,12 +75,15 @@ def test_ctrl_c_ends_in_one_line_saying_what_was_kept(tiny_dirs, prompts, tmp_pa
             "gptq-recon", "--recon-steps", "1000000", "--calib-prompts", str(prompts), "--out", str(out), "--quiet",
             *SCHEDULE]  # fmt: skip
     child = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "art.partial" / "states.safetensors").is_file() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # inside block 0's (long) reconstruction now
-    child.send_signal(signal.SIGINT)
-    err = child.communicate(timeout=60)[1]
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "art.partial" / "states.safetensors").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # inside block 0's (long) reconstruction now
+        child.send_signal(signal.SIGINT)
+        err = child.communicate(timeout=120)[1]
+    finally:
+        child.kill()  # a million reconstruction steps must not outlive a failed test
     assert child.returncode == 130, err
     assert err.strip().splitlines() == [
         f"faircalib: interrupted: what was finished is kept in {out}.partial: run the same command again to resume"
