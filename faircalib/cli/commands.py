@@ -156,11 +156,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.backend in LOCAL_BACKENDS:
         model, tokenizer = load_model(args)
         artifact = load_artifact(args)
-        if args.backend == "torch" and artifact is None:
-            backend, base = TorchBackend(model), None
-        else:
-            student, base = local_student(args.backend, model, artifact), artifact.sampling()
-            backend = student if isinstance(student, TorchBackend) else TorchBackend(student)
+        teacher = args.backend == "torch" and artifact is None
+        student = model if teacher else local_student(args.backend, model, artifact)
+        backend = student if isinstance(student, TorchBackend) else TorchBackend(student)
+        base = artifact.sampling() if artifact is not None else None
         source = model_path(args)
         schedule = exported_schedule(model.spec, sampling_from_args(args, model.spec, base))
     elif args.artifact is not None:
