@@ -69,12 +69,18 @@ def test_an_empty_resume_directory_starts_cleanly(capsys, tiny_dirs, prompts, tm
     assert not (tmp_path / "art.partial").exists()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_ends_in_one_line_saying_what_was_kept(tiny_dirs, prompts, tmp_path):
     out = tmp_path / "art"
     argv = [sys.executable, "-m", "faircalib", "calibrate", "--model", str(tiny_dirs["bert"]), "--method",
             "gptq-recon", "--recon-steps", "1000000", "--calib-prompts", str(prompts), "--out", str(out), "--quiet",
             *SCHEDULE]  # fmt: skip
-    child = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    # a shell's Ctrl-C: SIGINT neither ignored nor blocked, whatever this test process inherited from the suite
+    child = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         deadline = time.time() + 120
         while not (tmp_path / "art.partial" / "states.safetensors").is_file() and time.time() < deadline:
