@@ -77,6 +77,8 @@ def teacher_forced_counts(
     for name, size in (("commits_at", teacher.tokens.shape[1] - start), ("flips_at", teacher.tokens.shape[1] - start),
                        ("lead_commits", len(LEAD_BINS)), ("lead_flips", len(LEAD_BINS))):  # fmt: skip
         counts[name] = torch.zeros(size, dtype=torch.long)
+    flips_kept = torch.zeros((len(teacher.trajectory.steps), *teacher.tokens.shape), dtype=torch.bool,
+                             device=teacher.tokens.device)  # fmt: skip
     for index, record in enumerate(teacher.trajectory.steps):
         x = record.tokens
         logits = step_logits(student, x, teacher.prompt_length, sampling, spec)
@@ -85,17 +87,22 @@ def teacher_forced_counts(
         flipped = theirs & (mine.candidates != record.committed_tokens)
         counts["teacher_commits"][index] = int(theirs.sum())
         counts["flips"][index] = int(flipped.sum())
-        counts["commits_at"] += theirs[:, start:].sum(0).cpu()
-        counts["flips_at"] += flipped[:, start:].sum(0).cpu()
-        bins = torch.bucketize(record.logit_gap.float().cpu(), LEAD_BINS, right=True).clamp(1, len(LEAD_BINS)) - 1
-        counts["lead_commits"] += torch.bincount(bins[theirs.cpu()], minlength=len(LEAD_BINS))
-        counts["lead_flips"] += torch.bincount(bins[flipped.cpu()], minlength=len(LEAD_BINS))
+        flips_kept[index] = flipped
         counts["set_misses"][index] = int((theirs & ~mine.committed).sum())
         counts["student_commits"][index] = int(mine.committed.sum())
         counts["write_errors"][index] = int((mine.committed & (mine.candidates != teacher.tokens)).sum())
         best = logits.gather(-1, torch.stack((record.top1, record.top2), -1)).float()  # cast 2 logits, not [V]
         moved = (best[..., 0] - best[..., 1] - record.logit_gap).abs()
         counts["margin_error"][index] = float(moved[theirs].double().sum())
+    # where they broke, counted once per batch: small tensors made every step pin the freed heap between them
+    theirs_all = torch.stack([r.committed for r in teacher.trajectory.steps]).cpu()
+    flips_all = flips_kept.cpu()
+    counts["commits_at"] += theirs_all[:, :, start:].sum((0, 1))
+    counts["flips_at"] += flips_all[:, :, start:].sum((0, 1))
+    gaps = torch.stack([r.logit_gap for r in teacher.trajectory.steps]).float().cpu()
+    bins = torch.bucketize(gaps, LEAD_BINS, right=True).clamp(1, len(LEAD_BINS)) - 1
+    counts["lead_commits"] += torch.bincount(bins[theirs_all], minlength=len(LEAD_BINS))
+    counts["lead_flips"] += torch.bincount(bins[flips_all], minlength=len(LEAD_BINS))
     return counts
 
 
