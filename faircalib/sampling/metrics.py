@@ -95,11 +95,11 @@ def teacher_forced_counts(
         moved = (best[..., 0] - best[..., 1] - record.logit_gap).abs()
         counts["margin_error"][index] = float(moved[theirs].double().sum())
     # where they broke, counted once per batch: small tensors made every step pin the freed heap between them
-    theirs_all = torch.stack([r.committed for r in teacher.trajectory.steps]).cpu()
+    theirs_all = teacher.trajectory.stacked("committed").cpu()
     flips_all = flips_kept.cpu()
     counts["commits_at"] += theirs_all[:, :, start:].sum((0, 1))
     counts["flips_at"] += flips_all[:, :, start:].sum((0, 1))
-    gaps = torch.stack([r.logit_gap for r in teacher.trajectory.steps]).float().cpu()
+    gaps = teacher.trajectory.stacked("logit_gap").float().cpu()
     bins = torch.bucketize(gaps, LEAD_BINS, right=True).clamp(1, len(LEAD_BINS)) - 1
     counts["lead_commits"] += torch.bincount(bins[theirs_all], minlength=len(LEAD_BINS))
     counts["lead_flips"] += torch.bincount(bins[flips_all], minlength=len(LEAD_BINS))

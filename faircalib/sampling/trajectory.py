@@ -59,6 +59,13 @@ class Trajectory:
         buffers = {name: torch.empty((n_steps, *shape), dtype=dtype, device=device) for name, dtype in RECORDED.items()}
         return cls(prompt_length, buffers=buffers)
 
+    def stacked(self, name: str) -> torch.Tensor:
+        """Field ``name`` of every recorded step, [steps, B, L]: the allocated buffer itself, no copy, when
+        there is one."""
+        if self.buffers is not None:
+            return self.buffers[name][: len(self.steps)]
+        return torch.stack([getattr(step, name) for step in self.steps])
+
 
 @dataclass(frozen=True)
 class GenerationResult:
