@@ -85,6 +85,20 @@ def lead_figure(breakdown: dict, out: Path) -> str:
     return _save(fig, out, "leads.png")
 
 
+def layer_figure(promotion: dict, out: Path) -> str:
+    """Each quantized linear's score from the calibration's promotion, block by block, the promoted ones in red."""
+    keys = list(promotion["scores"])
+    promoted = set(promotion["promoted"])
+    fig, ax = plt.subplots(figsize=(max(8, 0.12 * len(keys)), 3.6))
+    ax.bar(range(len(keys)), [promotion["scores"][k] for k in keys],
+           color=["#c44" if k in promoted else "#48c" for k in keys])  # fmt: skip
+    ticks = [i for i, k in enumerate(keys) if i == 0 or k.split(".")[1] != keys[i - 1].split(".")[1]]
+    ax.set_xticks(ticks, [f"block {keys[i].split('.')[1]}" for i in ticks], rotation=90, fontsize=7)
+    unit = "frontier flips removed by promoting it alone" if promotion["by"] == "flips" else "Hessian-trace sensitivity"
+    ax.set(ylabel=unit, title=f"Per linear ({promotion['by']}; red: kept at 8 bits within {promotion['budget']:g} %)")
+    return _save(fig, out, "layers.png")
+
+
 def parity_page(report: dict, out: Path, block_length: int) -> Path:
     """``out/report.html`` and its figures for one ``parity`` report (its JSON form)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +114,16 @@ def parity_page(report: dict, out: Path, block_length: int) -> Path:
                         "the rate of flipped commits at each position within a block and in each block."))  # fmt: skip
     body.append(_figure(lead_figure(breakdown, out), "How firmly the teacher decided where the student flipped: "
                         "commits by the teacher's logit lead, flipped ones in red."))  # fmt: skip
+    if "promotion" in report:
+        body.append(
+            _figure(
+                layer_figure(report["promotion"], out),
+                "Where in the network decisions break: each "
+                "quantized linear's score at calibration, in block order; red ones were kept at 8 bits.",
+            )
+        )
+    else:
+        body.append("<p>Per-linear sensitivity: calibrate with --promote-budget to score every linear.</p>")
     path = out / "report.html"
     write_text_atomic(path, PAGE.format(title="faircalib parity report", body="\n".join(body)))
     return path

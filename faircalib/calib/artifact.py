@@ -29,7 +29,8 @@ from faircalib.models.base import Denoiser
 from faircalib.models.checkpoint import read_json_object, read_safetensors
 from faircalib.sampling import Sampling, sampling_from_json_dict
 
-ARTIFACT_FORMAT = 4  # 4: one record per layer (activation clip and static peak beside its codes)
+ARTIFACT_FORMAT = 5  # 5: each layer's weight and activation bits in its record (mixed precision)
+READABLE = (4, 5)  # 4: every layer in the config's format
 TENSORS = "tensors.safetensors"
 FILES = (MANIFEST, TENSORS)
 
@@ -117,8 +118,8 @@ class QuantArtifact:
             raise CheckpointError(f"{path} is not a faircalib artifact (no {MANIFEST} / {TENSORS})")
         manifest = read_json_object(path / MANIFEST)
         version = manifest.get("format_version")
-        if version != ARTIFACT_FORMAT:
-            older = isinstance(version, int) and version < ARTIFACT_FORMAT
+        if version not in READABLE:
+            older = isinstance(version, int) and version < min(READABLE)
             raise CheckpointError(
                 f"{path} is an artifact of format {version}, this faircalib reads format {ARTIFACT_FORMAT}: "
                 + ("calibrate again with this version" if older else "upgrade faircalib to read it")
@@ -131,10 +132,10 @@ class QuantArtifact:
 
 
 def layer_entries(layers: dict[str, QuantizedLayer]) -> dict[str, dict[str, Any]]:
-    """Each layer's manifest entry: its codes' shape and its activation quantization."""
+    """Each layer's manifest entry: its codes' shape, its weight bits and its activation quantization."""
     return {
-        key: {"shape": list(layer.weight.codes.shape), "clip_ratio": layer.act.clip_ratio,
-              "static_amax": layer.act.static_amax}
+        key: {"shape": list(layer.weight.codes.shape), "wbits": layer.weight.spec.bits, "abits": layer.act.bits,
+              "clip_ratio": layer.act.clip_ratio, "static_amax": layer.act.static_amax}
         for key, layer in layers.items()
     }  # fmt: skip
 
@@ -159,10 +160,11 @@ def encode_tensors(
 def decode_layers(
     tensors: dict[str, torch.Tensor], entries: dict[str, dict[str, Any]], config: QuantConfig
 ) -> dict[str, QuantizedLayer]:
-    """Inverse of ``encode_tensors`` and ``layer_entries`` for the layers."""
-    spec, act = config.weight_spec(), config.act_spec()
+    """Inverse of ``encode_tensors`` and ``layer_entries`` for the layers (an entry without bits: the config's)."""
     layers = {}
     for key, entry in entries.items():
+        spec = replace(config.weight_spec(), bits=entry.get("wbits", config.wbits))
+        act = replace(config.act_spec(), bits=entry.get("abits", config.abits))
         try:
             codes, scale = tensors[f"{key}.codes"], tensors[f"{key}.scale"]
         except KeyError as err:

@@ -4,6 +4,7 @@ whole (temporary file, then rename), so a run killed at any point resumes from i
 - ``progress.json``: the run's identity (model fingerprint, config, schedule, data digests), written first;
 - ``states.safetensors``: Stage I's calibration states, weights and prior, with its time;
 - ``rotation.safetensors``: the learned rotation and block transforms, with their time;
+- ``promotion.json``: the linears chosen to stay at 8 bits, with their scores;
 - ``block_NNNN.safetensors``: each finished block's layers and full-precision parameters, its report and
   the Stage II time spent up to its end.
 """
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from faircalib.calib.artifact import decode_layers, encode_tensors, layer_entries
 from faircalib.calib.config import QuantConfig
 from faircalib.calib.probe import CalibrationSet, ProbeStats, StateChunk
+from faircalib.calib.promotion import Promotion
 from faircalib.calib.stage2 import BlockReport, Calibrated
 from faircalib.errors import ConfigError
 from faircalib.files import open_permissions, write_json_atomic
@@ -29,6 +31,7 @@ from faircalib.models.checkpoint import read_json_object, read_safetensors
 PROGRESS = "progress.json"
 STATES = "states.safetensors"
 ROTATION = "rotation.safetensors"
+PROMOTION = "promotion.json"
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
@@ -87,6 +90,9 @@ class Checkpoint:
     def save_rotation(self, learned: dict[str, torch.Tensor], seconds: float) -> None:
         _save_atomic(learned, self.path / ROTATION, {"seconds": str(seconds)})
 
+    def save_promotion(self, promotion: Promotion) -> None:
+        write_json_atomic(self.path / PROMOTION, promotion.to_json_dict())
+
     def save_block(self, report: BlockReport, mine: Calibrated, stage2_seconds: float) -> None:
         meta = {"layers": json.dumps(layer_entries(mine.layers)), "report": json.dumps(report.to_json_dict()),
                 "stage2_seconds": str(stage2_seconds)}  # fmt: skip
@@ -100,6 +106,8 @@ class Checkpoint:
             learned, meta = read_safetensors(self.path / ROTATION)
             done.fp_params.update(learned)
             timings["rotation_seconds"] = float(meta["seconds"])
+        if (self.path / PROMOTION).is_file():
+            done.promotion = Promotion.from_json_dict(read_json_object(self.path / PROMOTION))
         for path in sorted(self.path.glob("block_*.safetensors")):
             tensors, meta = read_safetensors(path)
             done.layers.update(decode_layers(tensors, json.loads(meta["layers"]), cfg))

@@ -55,7 +55,10 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 # transforms without a learned rotation (so --no-rotate alone turns both off).
 _NEEDS = (("rotation_steps", "rotate"), ("block_transforms", "rotation_steps"))
 
-_CHOICES = {"solver": ("rtn", "gptq"), "states": ("teacher", "text"), "weighting": ("uniform", "prior")}
+_CHOICES = {
+    "solver": ("rtn", "gptq"), "states": ("teacher", "text"), "weighting": ("uniform", "prior"),
+    "promote_by": ("flips", "hessian"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,10 @@ class QuantConfig:
     recon_lr: float = 5e-3
     recon_batch: int = 8
     head_weight: float = 1.0  # logits-level KL at decision positions, last block only (0 turns it off)
+    # --- mixed precision: linears kept at 8 bits (calib/promotion.py)
+    promote_budget: float = 0.0  # extra weight bits, percent of the all-wbits linears' (0: none promoted)
+    promote_by: Literal["flips", "hessian"] = "flips"
+    promote_states: int = 64  # calibration states the linears are scored on
 
     def __post_init__(self) -> None:
         if self.method not in IDENTITY:
@@ -130,10 +137,12 @@ class QuantConfig:
             raise ConfigError("a learned rotation (rotation_steps > 0) needs rotate and dynamic quantized activations")
         if self.block_transforms and not self.rotation_steps:
             raise ConfigError("block transforms are learned with the rotation: they need rotation_steps > 0")
-        for name in ("n_prompts", "states_per_prompt", "recon_batch", "rotation_batch"):
+        if self.promote_budget and self.wbits >= 8:
+            raise ConfigError(f"promotion keeps linears at 8-bit weights: {self.wbits}-bit weights gain nothing")
+        for name in ("n_prompts", "states_per_prompt", "recon_batch", "rotation_batch", "promote_states"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("recon_steps", "rotation_steps", "damp", "head_weight", "beta"):
+        for name in ("recon_steps", "rotation_steps", "damp", "head_weight", "beta", "promote_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not self.tau > 0:

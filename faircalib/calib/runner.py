@@ -20,6 +20,7 @@ from faircalib.calib.checkpoint import Checkpoint
 from faircalib.calib.config import QuantConfig
 from faircalib.calib.learned_rotation import ROTATION_KEY
 from faircalib.calib.probe import CalibrationSet, teacher_states, text_states
+from faircalib.calib.promotion import Promotion
 from faircalib.calib.stage2 import BlockReport, Calibrated, Events, calibrate
 from faircalib.errors import ConfigError
 from faircalib.models.base import Denoiser
@@ -109,6 +110,8 @@ def quantize(
         "gpu_peak_mb_by_stage": peaks,
         "blocks": reports,
     }
+    if result.promotion is not None:
+        manifest["promotion"] = result.promotion.to_json_dict()
     return QuantArtifact(cfg, result.layers, result.fp_params, calib.prior, manifest)
 
 
@@ -167,7 +170,15 @@ def stage_two(
             saved.save_block(report, mine, timings["stage2_seconds"])
         blocks_bar.update(1)
 
-    events = Events(rotation_bar.update, rotation_learned, streaming, block_done)
+    def promoted(promotion: Promotion) -> None:
+        if saved is not None:
+            saved.save_promotion(promotion)
+        if not quiet:
+            print(f"promoted to 8 bits ({promotion.by}, {promotion.budget:g} % budget): "
+                  f"{', '.join(promotion.promoted) or 'none'}", flush=True)  # fmt: skip
+
+    events = Events(rotation_step=rotation_bar.update, rotation_learned=rotation_learned, promoted=promoted,
+                    streaming=streaming, block_done=block_done)  # fmt: skip
     try:
         result = calibrate(model, calib, cfg, done=done, events=events,
                            offload="cpu" if compute.type != "cpu" else None)  # fmt: skip

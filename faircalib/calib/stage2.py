@@ -26,6 +26,7 @@ from faircalib.calib.learned_rotation import LEARNED_KEYS, fold_learned, learn_r
 from faircalib.calib.linear import QuantizedLayer, QuantizedWeight, install
 from faircalib.calib.objectives import decision_masks, weighted_mse
 from faircalib.calib.probe import CalibrationSet
+from faircalib.calib.promotion import Promotion, promote, promoted_specs
 from faircalib.calib.quant import ActSpec
 from faircalib.calib.quarot import rotate_model
 from faircalib.calib.reconstruction import HeadTerm, ReconReport, reconstruct_block
@@ -33,6 +34,7 @@ from faircalib.calib.rtn import rtn_weight
 from faircalib.calib.smoothquant import smooth_block
 from faircalib.calib.student import layer_key, linear_names, set_fp_params
 from faircalib.models.base import BlockContext, Denoiser
+from faircalib.models.streaming import resident
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Calibrated:
     layers: dict[str, QuantizedLayer] = field(default_factory=dict)
     fp_params: dict[str, torch.Tensor] = field(default_factory=dict)
     blocks: list[BlockReport] = field(default_factory=list)
+    promotion: Promotion | None = None  # the linears kept at 8 bits, when a budget was given
 
     def of_block(self, index: int) -> Calibrated:
         prefix = f"blocks.{index}."
@@ -79,6 +82,7 @@ class Events:
 
     rotation_step: Callable[[], None] = _ignore  # after each step of learning the rotation
     rotation_learned: Callable[[dict[str, torch.Tensor]], None] = _ignore  # the learned transforms, by key
+    promoted: Callable[[Promotion], None] = _ignore  # the linears to keep at 8 bits are chosen
     streaming: Callable[[], None] = _ignore  # what needs the whole model is done; blocks now come one by one
     block_done: Callable[[BlockReport, Calibrated], None] = _ignore  # the block's own layers and params
 
@@ -106,6 +110,11 @@ def calibrate(
     result = Calibrated()
     if cfg.rotate:
         result.fp_params.update(turn_residual(model, cfg, tokens, done, events))
+    result.promotion = done.promotion
+    if cfg.promote_budget > 0 and result.promotion is None:
+        result.promotion = promote(model, tokens, weights, cfg)
+        events.promoted(result.promotion)
+    promoted = set(result.promotion.promoted) if result.promotion is not None else set()
     if offload is not None:
         for block in model.blocks:
             block.to(offload)
@@ -116,26 +125,28 @@ def calibrate(
         hidden_q = [model.embed(t) for t in tokens]
     hidden_fp = [h.clone() for h in hidden_q]
     for index, block in enumerate(model.blocks):
-        start, report = time.perf_counter(), BlockReport(index)
-        block.to(device)
-        with torch.no_grad():
-            targets = [run_block_sliced(model, block, h, c) for h, c in zip(hidden_fp, contexts, strict=True)]
-        if all(layer_key(index, name) in done.layers for name in linear_names(model)):
-            mine = resume_block(model, block, index, done)
-            report.resumed = True
-        else:
-            head = None  # the logits-level term of the reconstruction, for the last block
-            if index == len(model.blocks) - 1 and cfg.head_weight > 0:
-                head = HeadTerm(model.head, decision_masks(tokens, model.spec), cfg.head_weight)
-            data = Chunks(hidden_q, targets, contexts, weights)
-            mine = calibrate_block(model, block, index, data, cfg, report, head)
-        with torch.no_grad():
-            hidden_q = [run_block_sliced(model, block, h, c) for h, c in zip(hidden_q, contexts, strict=True)]
-            report.output_mse = chunked_mse(hidden_q, targets, weights)
-        hidden_fp = targets
-        block.to(offload if offload is not None else device)
-        # read after the move: the records must follow their codes off the compute device
-        mine.layers = {layer_key(index, name): block.get_submodule(name).layer for name in linear_names(model)}
+        with resident(block):  # placed here, on the compute device, whether or not blocks stream
+            start, report = time.perf_counter(), BlockReport(index)
+            block.to(device)
+            with torch.no_grad():
+                targets = [run_block_sliced(model, block, h, c) for h, c in zip(hidden_fp, contexts, strict=True)]
+            if all(layer_key(index, name) in done.layers for name in linear_names(model)):
+                mine = resume_block(model, block, index, done)
+                report.resumed = True
+            else:
+                head = None  # the logits-level term of the reconstruction, for the last block
+                if index == len(model.blocks) - 1 and cfg.head_weight > 0:
+                    head = HeadTerm(model.head, decision_masks(tokens, model.spec), cfg.head_weight)
+                data = Chunks(hidden_q, targets, contexts, weights)
+                mine_promoted = {name for name in linear_names(model) if layer_key(index, name) in promoted}
+                mine = calibrate_block(model, block, index, data, cfg, report, head, mine_promoted)
+            with torch.no_grad():
+                hidden_q = [run_block_sliced(model, block, h, c) for h, c in zip(hidden_q, contexts, strict=True)]
+                report.output_mse = chunked_mse(hidden_q, targets, weights)
+            hidden_fp = targets
+            block.to(offload if offload is not None else device)
+            # read after the move: the records must follow their codes off the compute device
+            mine.layers = {layer_key(index, name): block.get_submodule(name).layer for name in linear_names(model)}
         result.layers.update(mine.layers)
         result.fp_params.update(mine.fp_params)
         report.seconds = time.perf_counter() - start
@@ -179,10 +190,12 @@ class Chunks:
 
 def calibrate_block(
     model: Denoiser, block: nn.Module, index: int, data: Chunks, cfg: QuantConfig, report: BlockReport,
-    head: HeadTerm | None,
+    head: HeadTerm | None, promoted: set[str] = frozenset(),
 ) -> Calibrated:  # fmt: skip
-    """Smooth (optionally), quantize every linear of one block, then reconstruct (optionally), in place; returns
-    the full-precision parameters it changed (the layers are read off the block once it has moved)."""
+    """Smooth (optionally), quantize every linear of one block (those named in ``promoted`` at 8 bits), then
+    reconstruct (optionally), in place; returns the full-precision parameters it changed (the layers are read
+    off the block once it has moved). A promoted linear shares its group's Hessian, taken on the group's
+    low-bit inputs."""
     mine = Calibrated()
     if cfg.smooth:  # the full-precision block keeps computing the same function, so the targets stay valid
         smoothed = smooth_block(model, block, data.inputs, data.contexts, cfg.smooth_alpha)
@@ -195,13 +208,14 @@ def calibrate_block(
         prepared = prepare_hessian(hessians[group[0]], cfg.damp, cfg.act_order) if cfg.solver == "gptq" else None
         for name in group:
             w = block.get_submodule(name).weight.detach()
+            wspec, act = promoted_specs(spec, acts[group[0]]) if name in promoted else (spec, acts[group[0]])
             if prepared is None:
-                weight = rtn_weight(w, spec)
+                weight = rtn_weight(w, wspec)
             else:
-                solved = gptq_quantize(w, prepared, spec)
+                solved = gptq_quantize(w, prepared, wspec)
                 report.gptq_retries += solved.retries
-                weight = QuantizedWeight(solved.codes, solved.scale, solved.zero, spec)
-            install(block, name, QuantizedLayer(weight, acts[group[0]]), model.dtype)
+                weight = QuantizedWeight(solved.codes, solved.scale, solved.zero, wspec)
+            install(block, name, QuantizedLayer(weight, act), model.dtype)
     if cfg.reconstruct and cfg.recon_steps > 0:
         with torch.enable_grad():
             report.recon = reconstruct_block(

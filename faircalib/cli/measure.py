@@ -107,6 +107,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
     report["backend"] = args.backend
     if artifact is not None:
         report.update(method=artifact.config.method, format=artifact.config.format, artifact=str(args.artifact))
+        if "promotion" in artifact.manifest:
+            report["promotion"] = artifact.manifest["promotion"]
         if args.backend != "torch":  # the exported or kernel-backed student against the PyTorch one
             fake_quant = artifact.apply(copy.deepcopy(teacher))
             report["vs_fake_quant"] = decision_agreement(student, fake_quant, references, sampling, spec)
@@ -136,7 +138,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device, dtype = pick_device(args)
     path = model_path(args)
-    model = load_denoiser(path, dtype, device)
+    model = load_denoiser(path, dtype, device, stream_blocks=args.stream_blocks)
     artifact = load_artifact(args)
     sampling = sampling_from_args(args, model.spec, artifact.sampling() if artifact is not None else None)
     block = getattr(sampling, "block_length", sampling.gen_length)  # Dream decides over the whole generation

@@ -9,6 +9,7 @@ import torch
 
 from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.config import QuantConfig
+from faircalib.calib.promotion import PROMOTED_BITS
 from faircalib.errors import ConfigError
 
 OPSET = 21
@@ -30,6 +31,7 @@ class Profile:
     container: str = "onnx"  # or "gguf" (llama.cpp)
     activation_blocks: int | None = None  # per-token scales per block of inputs (llama.cpp's Q8_0 activations)
     fp16_scales: bool = False  # weight scales stored in fp16
+    promoted_bits: tuple[int, ...] = ()  # weight bits of linears kept wider than the rest (mixed precision)
 
     def check(self, artifact: QuantArtifact | None) -> None:
         """Refuse an artifact this profile cannot express faithfully (or a missing / superfluous one)."""
@@ -62,6 +64,9 @@ class Profile:
             problems.append(f"{has} activation scales (it takes {takes})")
         if self.fp16_scales and not cfg.w_fp16_scales:
             problems.append("float32 weight scales (it stores fp16 ones)")
+        if cfg.promote_budget and PROMOTED_BITS not in self.promoted_bits:
+            problems.append(f"linears kept at {PROMOTED_BITS}-bit weights by --promote-budget (it takes "
+                            f"{_words(self.weight_bits)}-bit weights in every linear)")  # fmt: skip
         if self.container == "gguf" and cfg.rotate:
             problems.append("an online Hadamard on the FFN's down projection input, which llama.cpp cannot run")
         return problems
@@ -100,9 +105,9 @@ def _words(values: tuple[int, ...]) -> str:
 
 PROFILES = {
     "trt-w4a16": Profile("trt-w4a16", torch.float16, True, (4,), (16,), True, (64, 128)),
-    "ort-w4a16": Profile("ort-w4a16", torch.float32, False, (4,), (16,), False, None),
-    "ort-w4a4": Profile("ort-w4a4", torch.float32, False, (4,), (4,), False, None),
-    "ort-w4a8": Profile("ort-w4a8", torch.float32, False, (4,), (8,), False, None),
+    "ort-w4a16": Profile("ort-w4a16", torch.float32, False, (4,), (16,), False, None, promoted_bits=(8,)),
+    "ort-w4a4": Profile("ort-w4a4", torch.float32, False, (4,), (4,), False, None, promoted_bits=(8,)),
+    "ort-w4a8": Profile("ort-w4a8", torch.float32, False, (4,), (8,), False, None, promoted_bits=(8,)),
     "trt-w8a8": Profile("trt-w8a8", torch.float16, True, (8,), (8,), True, (None,), static_activations=True),
     "ort-w8a8": Profile("ort-w8a8", torch.float32, False, (8,), (8,), True, None, static_activations=True),
     "ort-fp32": Profile("ort-fp32", torch.float32, False, (), (), False, None, quantized=False),
@@ -118,6 +123,7 @@ PROFILES = {
         container="gguf",
         activation_blocks=32,
         fp16_scales=True,
+        promoted_bits=(8,),  # Q8_0 tensors beside the Q4_0 ones
     ),  # fmt: skip
     "gguf-q8_0": Profile(
         "gguf-q8_0",

@@ -13,14 +13,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_dirs, tmp_path_factory):
-    """A W4A4 artifact of the tiny BERT, its prompts, and the report of its parity run."""
+    """A W4A4 artifact of the tiny BERT with a few linears kept at 8 bits, its prompts, and the report of its parity
+    run."""
     root = tmp_path_factory.mktemp("page")
     prompts = root / "prompts.txt"
     prompts.write_text("A B C D\nQ R S\nE F G H I\nK L M N\n")
     model = str(tiny_dirs["bert"])
     assert main(["calibrate", "--model", model, "--method", "rtn", "--abits", "4", "--calib-prompts", str(prompts),
                  "--gen-length", "8", "--block-length", "4", "--steps", "8", "--out", str(root / "art"),
-                 "--quiet"]) == 0  # fmt: skip
+                 "--promote-budget", "20", "--promote-by", "hessian", "--quiet"]) == 0  # fmt: skip
     assert main(["parity", "--model", model, "--artifact", str(root / "art"), "--prompts", str(prompts), "--quiet",
                  "--json", "--report", str(root / "report")]) == 0  # fmt: skip
     return root
@@ -29,7 +30,7 @@ def run_dir(tiny_dirs, tmp_path_factory):
 def test_the_page_shows_every_figure(run_dir):
     report_dir = run_dir / "report"
     html = (report_dir / "report.html").read_text()
-    for image in ("steps.png", "positions.png", "leads.png"):
+    for image in ("steps.png", "positions.png", "leads.png", "layers.png"):
         assert f'src="{image}"' in html
         data = (report_dir / image).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, image  # a drawn figure, not an empty canvas

@@ -47,27 +47,43 @@ def test_packing_is_what_gguf_dequantizes(bits):
     np.testing.assert_array_equal(gguf.quants.dequantize(packed, kind), expected.numpy())
 
 
-def test_reading_the_file_back_gives_the_artifacts_codes_and_scales(bundle, tiny_dirs):
-    root, name = bundle
-    artifact = QuantArtifact.load(root / "art")
-    reader = gguf.GGUFReader(str(root / "bundle" / "model.gguf"))
-    tensors = {t.name: t for t in reader.tensors}
-    kind = gguf.GGMLQuantizationType.Q4_0 if name == "gguf-q4_0" else gguf.GGMLQuantizationType.Q8_0
+def stored_as_the_artifact(artifact: QuantArtifact, path) -> dict:
+    """Check that every quantized linear of the GGUF file is its artifact layer's codes and scales, as Q4_0 or
+    Q8_0 by the layer's own bits; returns the file's tensors by name."""
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "attn_out": "attn_output",
              "ff_proj": "ffn_gate", "up_proj": "ffn_up", "ff_out": "ffn_down"}  # fmt: skip
     heads = {"q_proj": 4, "k_proj": 4}  # the tiny LLaDA's query and key-value heads: their rows are reordered
     for key, layer in artifact.layers.items():
         _, block, linear = key.split(".")
         stored = tensors[f"blk.{block}.{names[linear]}.weight"]
-        assert stored.tensor_type == kind
+        kind = gguf.GGMLQuantizationType.Q4_0 if layer.weight.spec.bits == 4 else gguf.GGMLQuantizationType.Q8_0
+        assert stored.tensor_type == kind, key
         values = gguf.quants.dequantize(np.asarray(stored.data), kind)
         expected = (layer.weight.codes.float() * layer.weight.scale.repeat_interleave(32, dim=1)).numpy()
         if linear in heads:
             expected = rope_pairs(expected, heads[linear])
         np.testing.assert_array_equal(values, expected)
+    return tensors
+
+
+def test_reading_the_file_back_gives_the_artifacts_codes_and_scales(bundle, tiny_dirs):
+    root, name = bundle
+    artifact = QuantArtifact.load(root / "art")
+    assert {layer.weight.spec.bits for layer in artifact.layers.values()} == {4 if name == "gguf-q4_0" else 8}
+    tensors = stored_as_the_artifact(artifact, root / "bundle" / "model.gguf")
     assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16
     assert tensors["output.weight"].tensor_type == gguf.GGMLQuantizationType.F16
     assert sorted(p.name for p in (root / "bundle").iterdir()) == ["manifest.json", "model.gguf", "schedule.json"]
+
+
+def test_promoted_linears_are_q8_0_tensors_beside_q4_0_ones(tiny_dirs, tmp_path):
+    model = load_denoiser(tiny_dirs["llada"])
+    cfg = gguf_config("gptq", promote_budget=30, promote_by="hessian")
+    artifact = calibrate_to(tmp_path / "art", copy.deepcopy(model), cfg, PROMPTS, SAMPLING)
+    export(model, artifact, "gguf-q4_0", tmp_path / "bundle")
+    assert {layer.weight.spec.bits for layer in artifact.layers.values()} == {4, 8}
+    stored_as_the_artifact(artifact, tmp_path / "bundle" / "model.gguf")
 
 
 @pytest.mark.parametrize(

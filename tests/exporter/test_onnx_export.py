@@ -39,6 +39,9 @@ def artifacts(tiny_dirs, tmp_path_factory):
         "rotated-a4": QuantConfig(method="custom", abits=4, rotate=True, rotation_steps=10, block_transforms=True),
         "asym-g16-a4": preset("gptq", group_size=16, w_symmetric=False, abits=4, a_symmetric=False),
         "w8a8-static": preset("gptq", wbits=8, abits=8, a_static=True),
+        # mixed precision: a few linears kept at 8-bit weights (and 8-bit inputs where the rest take 4)
+        "promoted-a4": QuantConfig(method="custom", abits=4, rotate=True, promote_budget=30, promote_by="hessian"),
+        "promoted-g64": preset("gptq", group_size=64, promote_budget=30, promote_by="hessian"),
     }
     for name, cfg in configs.items():
         calibrate_to(root / name, load_denoiser(tiny_dirs["llada"]), cfg, PROMPTS, SAMPLING)
@@ -85,7 +88,14 @@ def test_trt_w4a16_graph(tiny_dirs, artifacts, tmp_path):
 
 @pytest.mark.parametrize(
     "name,profile_name",
-    [("asym-g16", "ort-w4a16"), ("rotated-a4", "ort-w4a4"), ("asym-g16-a4", "ort-w4a4"), ("w8a8-static", "ort-w8a8")],
+    [
+        ("asym-g16", "ort-w4a16"),
+        ("rotated-a4", "ort-w4a4"),
+        ("asym-g16-a4", "ort-w4a4"),
+        ("w8a8-static", "ort-w8a8"),
+        ("promoted-a4", "ort-w4a4"),
+        ("promoted-g64", "ort-w4a16"),
+    ],
 )
 def test_ort_matches_the_fake_quant_student(tiny_dirs, artifacts, tmp_path, name, profile_name):
     out = export(tiny_dirs, artifacts[name], profile_name, tmp_path / name)
@@ -100,6 +110,13 @@ def test_ort_matches_the_fake_quant_student(tiny_dirs, artifacts, tmp_path, name
         inits, model = initializers(out / "model.onnx")
         zero_points = [n.input[2] for n in model.graph.node if n.op_type == "DequantizeLinear"]
         assert zero_points and all(inits[z].data_type == onnx.TensorProto.UINT4 for z in zero_points)
+    if name.startswith("promoted"):  # each linear's initializer in its own width
+        promoted = set(QuantArtifact.load(artifacts[name]).manifest["promotion"]["promoted"])
+        inits, model = initializers(out / "model.onnx")
+        kinds = [inits[n.input[0]].data_type for n in model.graph.node
+                 if n.op_type == "DequantizeLinear" and n.input[0] in inits]  # fmt: skip
+        assert kinds.count(onnx.TensorProto.INT8) == len(promoted) > 0
+        assert kinds.count(onnx.TensorProto.INT4) == 14 - len(promoted)
 
 
 def test_trt_w8a8_graph(tiny_dirs, artifacts, tmp_path):
@@ -151,6 +168,7 @@ def test_external_data_for_large_weights(tiny_dirs, artifacts, tmp_path):
         ("sym-g64", "ort-w4a4", "16-bit activations"),
         ("rotated-a4", "trt-w8a8", "4-bit weights"),
         ("w8a8-static", "ort-w4a8", "8-bit weights"),
+        ("promoted-g64", "trt-w4a16", "linears kept at 8-bit weights by --promote-budget"),
     ],
 )
 def test_profiles_refuse_what_they_cannot_express(tiny_dirs, artifacts, tmp_path, name, profile_name, message):

@@ -1,0 +1,222 @@
+"""Mixed precision: which quantized linears to keep at 8 bits within a size budget (docs/DESIGN.md, "Promotion").
+
+Two ways to score a linear, both on the turned model before its blocks are calibrated:
+
+- ``flips`` (flip-aware): on a low-bit student of the turned model (every linear rounded to nearest at the
+  calibration's format), how much promoting that linear alone lowers the soft count of frontier decisions
+  that go against the teacher's, over teacher states and their token weights. Measured, not estimated: one
+  forward from the linear's block onward per linear.
+- ``hessian`` (HAWQ's generic criterion): the trace of the teacher loss's Hessian in the weight (its
+  empirical Fisher, one sequence at a time) per weight, times the squared error of rounding the weight.
+
+The budget then goes to the best score per promoted byte.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+
+from faircalib.calib.config import QuantConfig
+from faircalib.calib.linear import QuantizedLayer, QuantLinear, replace_linear
+from faircalib.calib.objectives import decision_masks
+from faircalib.calib.quant import ActSpec, WeightSpec
+from faircalib.calib.rtn import rtn_weight
+from faircalib.calib.student import layer_key, linear_names
+from faircalib.errors import ConfigError
+from faircalib.models.base import Denoiser
+from faircalib.models.streaming import is_streamed
+
+PROMOTED_BITS = 8
+# Width in logits of the soft flip: a decision the teacher leads by a few nats can still flip, one led by ten cannot.
+FLIP_TEMPERATURE = 1.0
+ROWS = 8  # states per forward while scoring
+
+
+def promoted_specs(weight: WeightSpec, act: ActSpec) -> tuple[WeightSpec, ActSpec]:
+    """A promoted linear's formats: 8-bit weights on the same grid, inputs at 8 bits unless already wider."""
+    act_bits = act.bits if not act.enabled else max(act.bits, PROMOTED_BITS)
+    return replace(weight, bits=PROMOTED_BITS), replace(act, bits=act_bits)
+
+
+def decision_margins(logits: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Logits [..., V] and chosen tokens [...] -> the chosen token's logit minus the best other one [...]."""
+    logits = logits.float()
+    chosen = logits.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    return chosen - logits.scatter(-1, choice.unsqueeze(-1), float("-inf")).amax(-1)
+
+
+def soft_flips(margins: torch.Tensor, weights: torch.Tensor, temperature: float = FLIP_TEMPERATURE) -> float:
+    """sum_t w_t sigmoid(-margin_t / T): the weighted count of decisions a student takes against the teacher's
+    choice, softened so that a margin's shrinking counts before it changes sign. margins, weights [N]."""
+    return float((weights * torch.sigmoid(-margins.float() / temperature)).sum())
+
+
+def choose_promoted(scores: dict[str, float], sizes: dict[str, int], budget: float, bits: int) -> list[str]:
+    """The linears to promote: by score per promoted bit, greedily, while their extra bits fit ``budget`` percent
+    of the all-``bits`` size of every scored linear (``sizes``: weights per linear). Only positive scores."""
+    allowance = budget / 100 * bits * sum(sizes.values())
+    cost = {key: (PROMOTED_BITS - bits) * sizes[key] for key in scores}
+    chosen = []
+    for key in sorted(scores, key=lambda k: scores[k] / cost[k], reverse=True):
+        if scores[key] > 0 and cost[key] <= allowance:
+            chosen.append(key)
+            allowance -= cost[key]
+    return chosen
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What the budget bought: each linear's score, the promoted linears, and the time scoring took."""
+
+    by: str
+    budget: float
+    scores: dict[str, float]
+    promoted: tuple[str, ...]
+    seconds: float
+
+    def to_json_dict(self) -> dict:
+        return {"by": self.by, "budget": self.budget, "promoted": list(self.promoted),
+                "seconds": round(self.seconds, 3), "scores": self.scores}  # fmt: skip
+
+    @classmethod
+    def from_json_dict(cls, data: dict) -> Promotion:
+        return cls(data["by"], data["budget"], data["scores"], tuple(data["promoted"]), data["seconds"])
+
+
+def promote(
+    model: Denoiser, tokens: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], cfg: QuantConfig
+) -> Promotion:
+    """Score every linear of ``model`` (turned, not yet quantized) on ``cfg.promote_states`` of the calibration
+    states (tokens [S, L], token weights [S, L] per chunk), then spend ``cfg.promote_budget`` on them."""
+    if cfg.promote_by == "hessian" and is_streamed(model):
+        raise ConfigError("promote_by hessian takes gradients in every weight: it needs the blocks on the device "
+                          "(drop --stream-blocks or promote by flips)")  # fmt: skip
+    start = time.perf_counter()
+    rows = pick_rows(tokens, weights, cfg.promote_states)
+    scores = (flip_scores if cfg.promote_by == "flips" else hessian_scores)(model, rows, cfg)
+    sizes = {
+        layer_key(i, name): block.get_submodule(name).weight.numel()
+        for i, block in enumerate(model.blocks)
+        for name in linear_names(model)
+    }
+    promoted = choose_promoted(scores, sizes, cfg.promote_budget, cfg.wbits)
+    return Promotion(cfg.promote_by, cfg.promote_budget, scores, tuple(promoted), time.perf_counter() - start)
+
+
+def pick_rows(
+    tokens: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], count: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """About ``count`` states, evenly spaced within each chunk and shared among chunks by their size, as
+    (tokens [s, L], weights [s, L]) pieces of at most ``ROWS`` states."""
+    total = sum(t.shape[0] for t in tokens)
+    pieces = []
+    for t, w in zip(tokens, weights, strict=True):
+        keep = max(1, round(count * t.shape[0] / total))
+        index = torch.linspace(0, t.shape[0] - 1, min(keep, t.shape[0])).round().long().unique()
+        pieces += [(t[part], w[part]) for part in index.split(ROWS)]
+    return pieces
+
+
+def low_bit_layer(linear: torch.nn.Module, weight: WeightSpec, act: ActSpec) -> QuantizedLayer:
+    return QuantizedLayer(rtn_weight(linear.weight.detach(), weight), act)
+
+
+@contextmanager
+def low_bit_student(model: Denoiser, cfg: QuantConfig) -> Iterator[dict[str, QuantLinear]]:
+    """Every linear rounded to nearest at ``cfg``'s format (per-token activation scales where the format's are
+    static: those are calibrated per block later), the full-precision ones put back on exit. Yields the
+    originals by layer key."""
+    act = replace(cfg.act_spec(), static_amax=None)
+    originals = {}
+    try:
+        for i, block in enumerate(model.blocks):
+            for name in linear_names(model):
+                linear = block.get_submodule(name)
+                quantized = QuantLinear(low_bit_layer(linear, cfg.weight_spec(), act), linear.bias, model.dtype)
+                originals[layer_key(i, name)] = replace_linear(block, name, quantized.to(linear.weight.device))
+        yield originals
+    finally:
+        for key, linear in originals.items():
+            index, _, name = key.removeprefix("blocks.").partition(".")
+            replace_linear(model.blocks[int(index)], name, linear)
+
+
+@torch.no_grad()
+def flip_scores(model: Denoiser, rows: list[tuple[torch.Tensor, torch.Tensor]], cfg: QuantConfig) -> dict[str, float]:
+    """Per linear: the soft flips of the low-bit student minus those with that linear alone promoted, at the
+    decision positions of ``rows``, against the teacher's (the turned full-precision model's) own choices."""
+    pieces = []
+    for tokens, weights in rows:
+        tokens = tokens.to(model.device)
+        mask = decision_masks([tokens], model.spec)[0]
+        choice = model(tokens).argmax(-1)
+        pieces.append((tokens, model.block_context(tokens), mask, choice, weights.to(model.device)[mask]))
+    with low_bit_student(model, cfg) as originals:
+        inputs = []  # per piece, the low-bit student's input to every block
+        for tokens, ctx, *_ in pieces:
+            hidden, entering = model.embed(tokens), []
+            for block in model.blocks:
+                entering.append(hidden)
+                hidden = model.run_block(block, hidden, ctx)
+            inputs.append(entering)
+
+        def flips_from(first: int) -> float:
+            total = 0.0
+            for (_, ctx, mask, choice, weights), entering in zip(pieces, inputs, strict=True):
+                hidden = entering[first]
+                for block in model.blocks[first:]:
+                    hidden = model.run_block(block, hidden, ctx)
+                total += soft_flips(decision_margins(model.head(hidden)[mask], choice[mask]), weights)
+            return total
+
+        base, scores = flips_from(0), {}
+        promoted = promoted_specs(cfg.weight_spec(), replace(cfg.act_spec(), static_amax=None))
+        for key, linear in originals.items():
+            index, _, name = key.removeprefix("blocks.").partition(".")
+            block = model.blocks[int(index)]
+            layer = QuantLinear(low_bit_layer(linear, *promoted), linear.bias, model.dtype).to(linear.weight.device)
+            low = replace_linear(block, name, layer)
+            scores[key] = base - flips_from(int(index))
+            replace_linear(block, name, low)
+    return scores
+
+
+def hessian_scores(
+    model: Denoiser, rows: list[tuple[torch.Tensor, torch.Tensor]], cfg: QuantConfig
+) -> dict[str, float]:
+    """Per linear, HAWQ's sensitivity tr(H) / n * ||RTN(W) - W||^2: H the Hessian of the teacher's cross-entropy
+    against its own choices at the masked positions, its trace by the empirical Fisher sum_s ||dL_s/dW||^2 over
+    the states s taken one at a time."""
+    linears = {layer_key(i, name): block.get_submodule(name) for i, block in enumerate(model.blocks)
+               for name in linear_names(model)}  # fmt: skip
+    params = [linear.weight for linear in linears.values()]
+    trace = [torch.zeros((), dtype=torch.float64, device=model.device) for _ in params]
+    states = 0
+    wanted = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for tokens, _ in rows:
+            for row in tokens.to(model.device).split(1):
+                mask = decision_masks([row], model.spec)[0]
+                with torch.no_grad():
+                    choice = model(row).argmax(-1)
+                loss = torch.nn.functional.cross_entropy(model(row)[mask].float(), choice[mask])
+                for total, grad in zip(trace, torch.autograd.grad(loss, params), strict=True):
+                    total += grad.double().pow(2).sum()
+                states += 1
+    finally:
+        for p, flag in zip(params, wanted, strict=True):
+            p.requires_grad_(flag)
+    spec = cfg.weight_spec()
+    scores = {}
+    for (key, linear), total in zip(linears.items(), trace, strict=True):
+        w = linear.weight.detach().float()
+        error = float((rtn_weight(w, spec).dequantize().to(w.device) - w).pow(2).sum())
+        scores[key] = float(total) / max(states, 1) / w.numel() * error
+    return scores
