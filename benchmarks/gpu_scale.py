@@ -5,7 +5,9 @@ blocks, d_model 4096, FFN 12288, 126464-token vocabulary) with random weights, w
 sharded layout and loaded back through the same loader a user's checkpoint goes through. Random weights make
 the timings and memory real and the quality meaningless: decision metrics are not reported here.
 
-    python benchmarks/gpu_scale.py --out runs/gpu-scale [--layers 32] [--methods fair gptq-recon]
+    python benchmarks/gpu_scale.py --out runs/gpu-scale [--layers 32] [--methods fair gptq-recon] [--stream-blocks]
+
+``--stream-blocks`` keeps the blocks in host memory (each on the GPU only while it runs), as on a 24 GB GPU.
 
 Writes ``scale.json`` (one record per method, rewritten after each so a cut-off run keeps what finished)
 and ``hadamard.json`` to ``--out``.
@@ -56,7 +58,7 @@ def write_random_llada(out: Path, layers: int, seed: int) -> float:
 
 def calibrate_one(model_dir: Path, method: str, args: argparse.Namespace, work: Path) -> dict:
     start = time.perf_counter()
-    model = load_denoiser(model_dir, torch.bfloat16, "cuda")
+    model = load_denoiser(model_dir, torch.bfloat16, "cuda", stream_blocks=args.stream_blocks)
     load_seconds = time.perf_counter() - start
     torch.cuda.reset_peak_memory_stats()
     model_mb = torch.cuda.memory_allocated() / 2**20
@@ -77,6 +79,7 @@ def calibrate_one(model_dir: Path, method: str, args: argparse.Namespace, work: 
     record = {
         "method": method,
         "format": cfg.format,
+        "stream_blocks": args.stream_blocks,
         "config": cfg.to_json_dict(),
         "sampling": sampling.to_json_dict(),
         "blocks": len(blocks),
@@ -147,6 +150,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hadamard", action="store_true")
+    parser.add_argument("--stream-blocks", action="store_true", help="blocks in host memory, one on the GPU at a time")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_scale needs a CUDA GPU", file=sys.stderr)

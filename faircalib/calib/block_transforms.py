@@ -17,6 +17,7 @@ from faircalib.calib.quarot import set_value
 from faircalib.errors import ConfigError
 from faircalib.kernels.hadamard import OnlineHadamard
 from faircalib.models.base import Denoiser, RotationLayout
+from faircalib.models.streaming import visiting
 
 VALUE_KEY = "value_transform"  # [blocks, value heads, head dim, head dim]: T per value head
 NORM_SCALE_KEY = "norm_scale"  # [blocks, norms, D]: the readers' column scales s (norm weight / s)
@@ -102,6 +103,7 @@ def fold_block_transforms(model: Denoiser, layout: RotationLayout, transforms: d
     stacked = {key: transforms[key].to(model.device, torch.float64) for key in BLOCK_TRANSFORM_KEYS}
     stacked["t_inv_t"] = torch.linalg.inv(stacked[VALUE_KEY]).mT
     for i, block in enumerate(model.blocks):
-        for module, name, fn in block_maps(block, layout, lambda key, i=i: stacked[key][i]):
-            tensor = getattr(module, name)
-            set_value(tensor, fn(tensor.detach().double()))
+        with visiting(block, model.device):  # blocks may wait on the CPU
+            for module, name, fn in block_maps(block, layout, lambda key, i=i: stacked[key][i]):
+                tensor = getattr(module, name)
+                set_value(tensor, fn(tensor.detach().double()))

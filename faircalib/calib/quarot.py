@@ -17,6 +17,7 @@ from faircalib.errors import ConfigError
 from faircalib.kernels.hadamard import OnlineHadamard, random_hadamard
 from faircalib.models.base import Denoiser, RotationLayout
 from faircalib.models.layers import RMSNorm
+from faircalib.models.streaming import visiting
 
 
 def set_value(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -32,18 +33,25 @@ def fuse_norm(norm: RMSNorm, readers: list[nn.Linear]) -> None:
     norm.weight.data.fill_(1.0)
 
 
+def block_residual_linears(block: nn.Module, layout: RotationLayout) -> tuple[list[nn.Linear], list[nn.Linear]]:
+    """(readers, writers) of the residual stream in one block."""
+    readers = [block.get_submodule(name) for _, names in layout.norm_readers for name in names]
+    return readers, [block.get_submodule(name) for name in layout.writers]
+
+
 def residual_linears(model: Denoiser, layout: RotationLayout) -> tuple[list[nn.Linear], list[nn.Linear]]:
     """(readers, writers) of the residual stream over every block; the LM head and embedding excluded."""
     readers, writers = [], []
     for block in model.blocks:
-        readers += [block.get_submodule(name) for _, names in layout.norm_readers for name in names]
-        writers += [block.get_submodule(name) for name in layout.writers]
+        mine = block_residual_linears(block, layout)
+        readers, writers = readers + mine[0], writers + mine[1]
     return readers, writers
 
 
 @torch.no_grad()
 def fold_rotation(model: Denoiser, layout: RotationLayout, q: torch.Tensor) -> None:
-    """Turn the residual stream of a norm-fused model by the orthogonal q [D, D] (float64), in place."""
+    """Turn the residual stream of a norm-fused model by the orthogonal q [D, D] (float64), in place; each
+    block on the model's device while it turns (``visiting``: blocks may wait on the CPU)."""
     dim = model.get_submodule(layout.embedding).weight.shape[1]
     if q.shape != (dim, dim):
         raise ConfigError(f"a rotation of shape {tuple(q.shape)} does not fit this model's residual width {dim}")
@@ -51,13 +59,15 @@ def fold_rotation(model: Denoiser, layout: RotationLayout, q: torch.Tensor) -> N
     for name in (layout.embedding, layout.head):
         weight = model.get_submodule(name).weight
         set_value(weight, weight.detach().double() @ q)
-    readers, writers = residual_linears(model, layout)
-    for linear in readers:
-        set_value(linear.weight, linear.weight.detach().double() @ q)
-    for linear in writers:
-        set_value(linear.weight, q.T @ linear.weight.detach().double())
-        if linear.bias is not None:
-            set_value(linear.bias, q.T @ linear.bias.detach().double())
+    for block in model.blocks:
+        with visiting(block, model.device):
+            readers, writers = block_residual_linears(block, layout)
+            for linear in readers:
+                set_value(linear.weight, linear.weight.detach().double() @ q)
+            for linear in writers:
+                set_value(linear.weight, q.T @ linear.weight.detach().double())
+                if linear.bias is not None:
+                    set_value(linear.bias, q.T @ linear.bias.detach().double())
 
 
 @torch.no_grad()

@@ -56,7 +56,7 @@ def load_model(args: argparse.Namespace):
 
     path = model_path(args)
     device, dtype = pick_device(args)
-    model = load_denoiser(path, dtype, device)
+    model = load_denoiser(path, dtype, device, stream_blocks=args.stream_blocks)
     return model, load_tokenizer(path)
 
 

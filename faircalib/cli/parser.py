@@ -112,6 +112,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="weights' dtype (default: auto, bf16 on a GPU and fp32 on the CPU)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto, CUDA when present)")
+    parser.add_argument("--stream-blocks", action="store_true", help="keep the blocks in host memory, each on the "
+                        "device only while it runs: a model larger than the device (default: all on it)")  # fmt: skip
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

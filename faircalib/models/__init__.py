@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from faircalib.errors import CheckpointError, ConfigError
+from faircalib.models import streaming
 from faircalib.models.base import BlockContext, Denoiser, DenoiserSpec
 from faircalib.models.checkpoint import read_config
 from faircalib.models.dream import Dream, DreamConfig
@@ -39,17 +40,19 @@ def family_of(config: dict) -> type[Denoiser]:
 
 
 def load_denoiser(
-    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> Denoiser:
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    stream_blocks: bool = False,
+) -> Denoiser:  # fmt: skip
     """Load any supported checkpoint directory in eval mode, its weights frozen (calibration learns its own
-    parameters, never the model's). ``model.source`` remembers the directory (tokenizer, fingerprint)."""
+    parameters, never the model's). ``model.source`` remembers the directory (tokenizer, fingerprint).
+    ``stream_blocks``: the blocks stay in host memory and visit ``device`` while they run (``models.streaming``)."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    model = family_of(config).from_pretrained(model_dir, config, dtype, device)
+    model = family_of(config).from_pretrained(model_dir, config, dtype, "cpu" if stream_blocks else device)
     model.requires_grad_(False)
     model.source = model_dir
     check_finite(model, model_dir)
-    return model
+    return streaming.stream_blocks(model, device) if stream_blocks else model
 
 
 def check_finite(model: Denoiser, model_dir: Path) -> None:
