@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from faircalib.bench.run import BenchConfig, run_bench  # noqa: E402
+from faircalib.bench.run import BenchConfig, evaluation, run_bench  # noqa: E402
 
 RATES = ("frontier_flip_rate", "task_accuracy", "frontier_write_error")
 
@@ -34,12 +34,16 @@ def mean_bits(artifact: Path) -> float:
     return sum(layers[key]["wbits"] * n for key, n in sizes.items()) / sum(sizes.values())
 
 
-def point(out: Path, by: str, budget: float, args) -> dict:
+def bench_config(args, out: Path, overrides: tuple[str, ...] = ()) -> BenchConfig:
+    # one post-commit probe and few masked-NLL windows: flips and accuracy are what this curve draws
+    return BenchConfig(model=args.model, methods=(args.method,), formats=("W4A4",), seeds=tuple(args.seeds),
+                       n_eval_prompts=args.n_eval_prompts, n_nll_windows=16, post_commit_probes=1, out=str(out),
+                       overrides=overrides, reuse_artifacts=True)  # fmt: skip
+
+
+def point(out: Path, by: str, budget: float, args, ev) -> dict:
     overrides = (f"promote_budget={budget}", f"promote_by={by}") if budget else ()
-    cfg = BenchConfig(model=args.model, methods=(args.method,), formats=("W4A4",), seeds=tuple(args.seeds),
-                      n_eval_prompts=args.n_eval_prompts, out=str(out), overrides=overrides,
-                      reuse_artifacts=True)  # fmt: skip
-    runs = [r for r in run_bench(cfg)["runs"] if "error" not in r]
+    runs = [r for r in run_bench(bench_config(args, out, overrides), ev)["runs"] if "error" not in r]
     bits = [mean_bits(out / "artifacts" / f"{args.method}-W4A4-seed{r['seed']}") for r in runs]
     row = {"by": by, "budget": budget, "mean_bits": statistics.fmean(bits), "seeds": len(runs)}
     for rate in RATES:
@@ -88,10 +92,11 @@ def main() -> None:
     parser.add_argument("--n-eval-prompts", type=int, default=500)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    rows = [point(args.out / "none-0", "none", 0.0, args)]
+    ev = evaluation(bench_config(args, args.out))  # the teacher's runs, once for every point
+    rows = [point(args.out / "none-0", "none", 0.0, args, ev)]
     for by in args.by:
         for budget in args.budgets:
-            rows.append(point(args.out / f"{by}-{budget:g}", by, budget, args))
+            rows.append(point(args.out / f"{by}-{budget:g}", by, budget, args, ev))
             (args.out / "tradeoff.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
                                                                 "rows": rows}, indent=1))  # fmt: skip
     (args.out / "tradeoff.md").write_text(table(rows))

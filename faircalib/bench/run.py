@@ -191,10 +191,12 @@ def seed_data(cfg: BenchConfig, ev: Evaluation, seed: int, texts: list[str], tex
     return calibration_data(tokenizer, cfg.n_calib_prompts, cfg.prompt_tokens, cfg.sampling().gen_length, path, text)
 
 
-def run_bench(cfg: BenchConfig) -> dict:
+def run_bench(cfg: BenchConfig, ev: Evaluation | None = None) -> dict:
+    """Every run of ``cfg``; ``ev``: the evaluation of an earlier bench of the same model and prompts (the
+    teacher's runs are the costly part of a small bench)."""
     out = Path(cfg.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    ev = evaluation(cfg)
+    ev = ev if ev is not None else evaluation(cfg)
     tokenizer = load_tokenizer(Path(cfg.model))
     # articles long enough for a full prompt, like the evaluation prompts
     texts = [t for _, t in wiki.load_articles("calib") if len(encode_prompt(tokenizer, t)) >= cfg.prompt_tokens]
