@@ -121,8 +121,8 @@ class QuantArtifact:
         if version not in READABLE:
             older = isinstance(version, int) and version < min(READABLE)
             raise CheckpointError(
-                f"{path} is an artifact of format {version}, this faircalib reads format {ARTIFACT_FORMAT}: "
-                + ("calibrate again with this version" if older else "upgrade faircalib to read it")
+                f"{path} is an artifact of format {version}, this faircalib reads formats {READABLE[0]} to "
+                f"{READABLE[-1]}: " + ("calibrate again with this version" if older else "upgrade faircalib to read it")
             )
         config = QuantConfig.from_json_dict(manifest["config"])
         tensors, _ = read_safetensors(path / TENSORS)
