@@ -42,7 +42,7 @@ def bench_config(args, out: Path, overrides: tuple[str, ...] = ()) -> BenchConfi
 
 
 def point(out: Path, by: str, budget: float, args, ev) -> dict:
-    overrides = (f"promote_budget={budget}", f"promote_by={by}") if budget else ()
+    overrides = (f"promote_budget={budget}", f"promote_by={by}", f"promote_states={args.states}") if budget else ()
     runs = [r for r in run_bench(bench_config(args, out, overrides), ev)["runs"] if "error" not in r]
     bits = [mean_bits(out / "artifacts" / f"{args.method}-W4A4-seed{r['seed']}") for r in runs]
     row = {"by": by, "budget": budget, "mean_bits": statistics.fmean(bits), "seeds": len(runs)}
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[5.0, 10.0, 20.0])
     parser.add_argument("--by", nargs="+", default=["flips", "hessian"], choices=["flips", "hessian"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--states", type=int, default=64, help="calibration states the linears are scored on")
     parser.add_argument("--n-eval-prompts", type=int, default=500)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
