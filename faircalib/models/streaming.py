@@ -21,6 +21,7 @@ from faircalib.models.base import Denoiser
 HOST = torch.device("cpu")
 _VISITING = "_faircalib_visiting"  # set on a block while a call brought it to the device
 _RESIDENT = "_faircalib_resident"  # set on a block a loop keeps where it is (``resident``)
+_STREAMED = "_faircalib_streamed"  # set on every block ``stream_blocks`` hooked
 
 
 def home_of(module: nn.Module) -> torch.device:
@@ -28,8 +29,8 @@ def home_of(module: nn.Module) -> torch.device:
 
 
 def is_streamed(model: Denoiser) -> bool:
-    """Whether ``model``'s blocks wait off its device (``stream_blocks``)."""
-    return any(home_of(block) != model.device for block in model.blocks)
+    """Whether ``model``'s blocks stream (``stream_blocks``), even where the device is the host."""
+    return any(getattr(block, _STREAMED, False) for block in model.blocks)
 
 
 @contextmanager
@@ -95,6 +96,7 @@ def stream_blocks(model: Denoiser, device: torch.device | str) -> Denoiser:
         block.to(HOST)
         block.register_forward_pre_hook(_arrive(device))
         block.register_forward_hook(_leave)
+        setattr(block, _STREAMED, True)
     for module in model.modules():
         if id(module) in inside:
             continue

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from faircalib.api import calibrate_to
 from faircalib.calib.config import QuantConfig
 from faircalib.errors import ConfigError
 from faircalib.models import load_denoiser
@@ -17,7 +18,7 @@ IDS = torch.tensor([[5, 9, 17, 95, 95, 95, 11, 4]])
 def test_a_streamed_forward_computes_what_the_resident_model_does(tiny_dirs):
     resident_model = load_denoiser(tiny_dirs["llada"])
     model = load_denoiser(tiny_dirs["llada"], stream_blocks=True)
-    assert is_streamed(model) is False  # on a CPU-only machine the device is the host: nothing is off it
+    assert is_streamed(model) and not is_streamed(resident_model)
     before = [id(p) for p in model.blocks[0].parameters()]
     assert torch.equal(model(IDS), resident_model(IDS))
     # each call gave the block new parameter objects and took them back: what a GPU run does, without copies
@@ -36,8 +37,6 @@ def test_a_streamed_calibration_makes_the_resident_ones_artifact(tiny_dirs, tmp_
                       recon_batch=4, promote_budget=20, promote_states=8)  # fmt: skip
     plain = run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "plain")
     model = load_denoiser(tiny_dirs["llada"], stream_blocks=True)
-    from faircalib.api import calibrate_to
-
     streamed = calibrate_to(tmp_path / "streamed", model, cfg, PROMPTS, SAMPLING)
     assert streamed.manifest["promotion"]["promoted"] == plain.manifest["promotion"]["promoted"]
     for key, layer in plain.layers.items():
@@ -49,13 +48,11 @@ def test_a_streamed_calibration_makes_the_resident_ones_artifact(tiny_dirs, tmp_
     assert any(report["recon"]["kept"] for report in streamed.manifest["blocks"])  # the reconstruction learned
 
 
-def test_hessian_promotion_needs_resident_blocks(tiny_dirs, tmp_path, monkeypatch):
-    import faircalib.calib.promotion as promotion
-
-    monkeypatch.setattr(promotion, "is_streamed", lambda model: True)
+def test_hessian_promotion_needs_resident_blocks(tiny_dirs, tmp_path):
     cfg = QuantConfig(method="gptq", abits=4, n_prompts=6, states_per_prompt=3, promote_budget=20, promote_by="hessian")
+    model = load_denoiser(tiny_dirs["llada"], stream_blocks=True)
     with pytest.raises(ConfigError, match="drop --stream-blocks"):
-        run_calibration(tiny_dirs["llada"], cfg, SAMPLING, PROMPTS, tmp_path / "art")
+        calibrate_to(tmp_path / "art", model, cfg, PROMPTS, SAMPLING)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream", "bert"])
