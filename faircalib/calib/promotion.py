@@ -3,9 +3,10 @@
 Two ways to score a linear, both on the turned model before its blocks are calibrated:
 
 - ``flips`` (flip-aware): on a low-bit student of the turned model (every linear rounded to nearest at the
-  calibration's format), how much promoting that linear alone lowers the soft count of frontier decisions
-  that go against the teacher's, over teacher states and their token weights. Measured, not estimated: one
-  forward from the linear's block onward per linear.
+  calibration's format), how much promoting that linear alone lowers the soft count of decisions that go
+  against the teacher's choices, at the masked positions of teacher states, by their token weights (the prior
+  puts FAIR-Calib's on the frontier). Measured, not estimated: one forward from the linear's block onward per
+  linear.
 - ``hessian`` (HAWQ's generic criterion): the trace of the teacher loss's Hessian in the weight (its
   empirical Fisher, one sequence at a time) per weight, times the squared error of rounding the weight.
 
