@@ -27,7 +27,7 @@ from faircalib.calib.linear import QuantizedLayer, QuantLinear, replace_linear
 from faircalib.calib.objectives import decision_masks
 from faircalib.calib.quant import ActSpec, WeightSpec
 from faircalib.calib.rtn import rtn_weight
-from faircalib.calib.student import layer_key, linear_names
+from faircalib.calib.student import layer_key, linear_names, split_layer_key
 from faircalib.errors import ConfigError
 from faircalib.models.base import Denoiser
 from faircalib.models.streaming import is_streamed
@@ -143,8 +143,8 @@ def low_bit_student(model: Denoiser, cfg: QuantConfig) -> Iterator[dict[str, Qua
         yield originals
     finally:
         for key, linear in originals.items():
-            index, _, name = key.removeprefix("blocks.").partition(".")
-            replace_linear(model.blocks[int(index)], name, linear)
+            index, name = split_layer_key(key)
+            replace_linear(model.blocks[index], name, linear)
 
 
 @torch.no_grad()
@@ -178,11 +178,11 @@ def flip_scores(model: Denoiser, rows: list[tuple[torch.Tensor, torch.Tensor]], 
         base, scores = flips_from(0), {}
         promoted = promoted_specs(cfg.weight_spec(), replace(cfg.act_spec(), static_amax=None))
         for key, linear in originals.items():
-            index, _, name = key.removeprefix("blocks.").partition(".")
-            block = model.blocks[int(index)]
+            index, name = split_layer_key(key)
+            block = model.blocks[index]
             layer = QuantLinear(low_bit_layer(linear, *promoted), linear.bias, model.dtype).to(linear.weight.device)
             low = replace_linear(block, name, layer)
-            scores[key] = base - flips_from(int(index))
+            scores[key] = base - flips_from(index)
             replace_linear(block, name, low)
     return scores
 

@@ -21,6 +21,12 @@ def layer_key(block_index: int, name: str) -> str:
     return f"blocks.{block_index}.{name}"
 
 
+def split_layer_key(key: str) -> tuple[int, str]:
+    """The inverse of ``layer_key``: "blocks.{i}.{name}" -> (i, name)."""
+    index, _, name = key.removeprefix("blocks.").partition(".")
+    return int(index), name
+
+
 def linear_names(model: Denoiser) -> list[str]:
     """Every quantized linear of a block, by name relative to it, group by group."""
     return [name for group in model.linear_groups() for name in group]
