@@ -57,11 +57,15 @@ print(host_peak_mb())
 
 
 def parity_peak_mb(prompts: int) -> float:
+    import os
     import subprocess
     import sys
 
+    # glibc's sliding mmap threshold keeps freed temporaries in the heap by chance: identical runs then peak
+    # up to 100 MiB apart. A fixed threshold hands them back, so the peak is what parity holds.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
     done = subprocess.run([sys.executable, "-c", PARITY_CHILD, str(prompts)], capture_output=True, text=True,
-                          check=True)  # fmt: skip
+                          check=True, env=env)  # fmt: skip
     return float(done.stdout.strip().splitlines()[-1])
 
 
