@@ -2,7 +2,8 @@
 
 A LLaDA whose linears dominate (random weights; default 4 blocks of d_model 2048, FFN 5632, vocabulary 4096:
 0.89 GB in fp32) and its RTN W4A16 artifact (groups of 128) are written once; then each profile is exported
-in a fresh process, which reports its own resident high-water mark:
+in a fresh process, which reports its own resident high-water mark; as `faircalib export` does it (the loaded
+model consumed) and, with --keep-model, as the Python API does by default (the model left as it is):
 
     python benchmarks/export_memory.py --work /tmp/export-memory --profiles ort-w4a16 ort-fp32
 """
@@ -44,15 +45,16 @@ def write_model(work: Path, blocks: int, d_model: int, ffn: int) -> None:
     )
 
 
-def export_one(work: Path, profile: str) -> dict:
+def export_one(work: Path, profile: str, consume: bool) -> dict:
     """In this process: export, then report."""
     start = time.perf_counter()
     artifact = None if profile.endswith("fp32") else QuantArtifact.load(work / "art")
-    export(load_denoiser(work / "ckpt"), artifact, profile, work / profile, overwrite=True)
+    export(load_denoiser(work / "ckpt"), artifact, profile, work / profile, overwrite=True, consume=consume)
     checkpoint = sum(f.stat().st_size for f in (work / "ckpt").glob("*.safetensors"))
     bundle = sum(f.stat().st_size for f in (work / profile).iterdir())
     peak = host_peak_mb()
-    return {"profile": profile, "seconds": round(time.perf_counter() - start, 1), "checkpoint_gb": checkpoint / 1e9,
+    return {"profile": profile, "model": "consumed" if consume else "kept",
+            "seconds": round(time.perf_counter() - start, 1), "checkpoint_gb": checkpoint / 1e9,
             "bundle_gb": bundle / 1e9, "host_peak_mb": round(peak),
             "peak_over_checkpoint_and_bundle": round(peak * 2**20 / (checkpoint + bundle), 2)}  # fmt: skip
 
@@ -64,20 +66,21 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=2048)
     parser.add_argument("--ffn", type=int, default=5632)
+    parser.add_argument("--keep-model", action="store_true", help="also export leaving the loaded model as it is")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: export this profile and print its row
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(export_one(args.work, args.one)))
+        print(json.dumps(export_one(args.work, args.one, consume=not args.keep_model)))
         return 0
     torch.manual_seed(0)
     write_model(args.work, args.blocks, args.d_model, args.ffn)
     rows = []
     for profile in args.profiles:
-        child = [sys.executable, __file__, "--work", str(args.work), "--one", profile]
-        rows.append(
-            json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        for keep in (False, True) if args.keep_model else (False,):
+            child = [sys.executable, __file__, "--work", str(args.work), "--one", profile, *["--keep-model"] * keep]
+            done = subprocess.run(child, check=True, capture_output=True, text=True)
+            rows.append(json.loads(done.stdout.splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
     (args.work / "export_memory.json").write_text(json.dumps(rows, indent=1))
     return 0
 

@@ -99,13 +99,16 @@ def export(
     sampling: Sampling | None = None,
     overwrite: bool = False,
     parity: dict | None = None,
+    consume: bool = False,
 ) -> Path:
     """Write the deployable bundle of ``artifact``'s student of ``model`` for ``profile`` (e.g. "ort-w4a4",
     "trt-w4a16", "gguf-q4_0"; no artifact for "ort-fp32" and "gguf-f16", the full-precision model): model.onnx
     or model.gguf, schedule.json, tokenizer files, manifest (with ``parity``, the summary the student was gated on,
-    if given). ``model`` is left as it is."""
+    if given). ``model`` is left as it is, unless ``consume``: the student is then made of it (one copy of the
+    checkpoint's weights less in memory) and it is unusable afterwards."""
     writer = export_gguf if PROFILES.get(profile) and PROFILES[profile].container == "gguf" else export_bundle
-    return writer(model, artifact, profile, out, sampling=sampling, overwrite=overwrite, parity=parity)
+    return writer(model, artifact, profile, out, sampling=sampling, overwrite=overwrite, parity=parity,
+                  consume=consume)  # fmt: skip
 
 
 def parity(

@@ -88,9 +88,10 @@ class QuantArtifact:
             raise ConfigError("the artifact records no deployment schedule: pass the decoding settings")
         return sampling_from_json_dict(recorded)
 
-    def apply(self, model: Denoiser) -> Denoiser:
-        """Turn the full-precision ``model`` into this artifact's fake-quant student, in place; returns it."""
-        return apply_quantization(model, self.config, self.layers, self.fp_params)
+    def apply(self, model: Denoiser, placeholders: bool = False) -> Denoiser:
+        """Turn the full-precision ``model`` into this artifact's fake-quant student, in place; returns it.
+        ``placeholders``: its quantized linears hold no weights, only their shapes (a student to trace for export)."""
+        return apply_quantization(model, self.config, self.layers, self.fp_params, placeholders)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the artifact directory (replacing an earlier artifact there, never anything else unless

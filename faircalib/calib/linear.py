@@ -75,9 +75,12 @@ class QuantLinear(nn.Module):
     Weight-only layers multiply by the dequantized weight, as TensorRT's int4 weight-only GEMM does, and
     static per-tensor activations go through quantize / dequantize ops that export as the
     QuantizeLinear -> DequantizeLinear pair TensorRT fuses into an INT8 GEMM.
+
+    ``placeholder``: the weight buffers hold one value broadcast to their shape, costing nothing: a student
+    only to be traced for export, which writes the weights from ``quantized`` (its own outputs mean nothing).
     """
 
-    def __init__(self, layer: QuantizedLayer, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, layer: QuantizedLayer, bias: torch.Tensor | None, dtype: torch.dtype, placeholder: bool = False):
         super().__init__()
         weight, act = layer.weight, layer.act
         self.out_features, self.in_features = weight.codes.shape
@@ -93,6 +96,8 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("weight", weight.dequantize().to(dtype))
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+        self.placeholder = placeholder
+        self._drop_weights()
 
     @property
     def layer(self) -> QuantizedLayer:
@@ -108,7 +113,15 @@ class QuantLinear(nn.Module):
         # one is calibrated would otherwise leave its codes on the GPU.
         super()._apply(fn, recurse)
         self.quantized = self.quantized.to(self.device)
+        self._drop_weights()  # a cast or a move materialised the placeholders, one layer at a time
         return self
+
+    def _drop_weights(self) -> None:
+        if self.placeholder:
+            for name in ("weight", "weight_codes"):
+                value = getattr(self, name, None)
+                if value is not None:
+                    setattr(self, name, torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.act.enabled:
@@ -136,10 +149,12 @@ def static_quant_dequant(x: torch.Tensor, act: ActSpec) -> torch.Tensor:
     return ops.dequantize_per_tensor(codes, scale, 0, -qmax - 1, qmax, torch.int8, out_dtype=x.dtype)
 
 
-def install(block: nn.Module, name: str, layer: QuantizedLayer, dtype: torch.dtype) -> QuantLinear:
+def install(
+    block: nn.Module, name: str, layer: QuantizedLayer, dtype: torch.dtype, placeholder: bool = False
+) -> QuantLinear:
     """Replace the linear ``name`` of ``block`` by a QuantLinear of ``layer`` (on the linear's device)."""
     linear = block.get_submodule(name)
-    quantized = QuantLinear(layer, linear.bias, dtype).to(linear.weight.device)
+    quantized = QuantLinear(layer, linear.bias, dtype, placeholder).to(linear.weight.device)
     replace_linear(block, name, quantized)
     return quantized
 

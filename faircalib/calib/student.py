@@ -47,10 +47,15 @@ def set_fp_params(block: nn.Module, index: int, params: Mapping[str, torch.Tenso
 
 
 def apply_quantization(
-    model: Denoiser, cfg: QuantConfig, layers: Mapping[str, QuantizedLayer], fp_params: Mapping[str, torch.Tensor]
+    model: Denoiser,
+    cfg: QuantConfig,
+    layers: Mapping[str, QuantizedLayer],
+    fp_params: Mapping[str, torch.Tensor],
+    placeholders: bool = False,
 ) -> Denoiser:
     """Turn ``model`` into the student in place: rotated as it was at calibration, the learned transforms and
-    calibrated full-precision parameters restored, every linear replaced by its quantized layer."""
+    calibrated full-precision parameters restored, every linear replaced by its quantized layer (holding
+    placeholders for its weights with ``placeholders``: a student to trace for export)."""
     learned = {k: v for k, v in fp_params.items() if k in LEARNED_KEYS}
     if cfg.rotate:
         rotate_model(model, cfg.seed)
@@ -63,5 +68,5 @@ def apply_quantization(
             key = layer_key(index, name)
             if key not in layers:
                 raise ConfigError(f"the artifact has no weights for {key}")
-            install(block, name, layers[key], model.dtype)
+            install(block, name, layers[key], model.dtype, placeholders)
     return model

@@ -249,9 +249,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     sampling = None
     if any(getattr(args, name) is not None for name in ("gen_length", "block_length", "steps", "temperature")):
         sampling = sampling_from_args(args, model.spec, artifact.sampling() if artifact is not None else None)
-    parity = gated_parity(args.parity_report, args.artifact) if args.parity_report is not None else None
-    out = export(model, artifact, args.profile, args.out, sampling=sampling, overwrite=args.overwrite, parity=parity)
-    print(f"wrote {out} ({args.profile})", file=sys.stderr)
+    gated = gated_parity(args.parity_report, args.artifact) if args.parity_report is not None else None
+    kwargs = {"sampling": sampling, "overwrite": args.overwrite, "parity": gated, "consume": True}  # loaded for it
+    print(f"wrote {export(model, artifact, args.profile, args.out, **kwargs)} ({args.profile})", file=sys.stderr)
     return 0
 
 

@@ -41,10 +41,11 @@ class Export:
 
 
 def prepare(model: Denoiser, artifact: QuantArtifact | None, profile_name: str, container: str,
-            sampling: Sampling | None) -> Export:  # fmt: skip
+            sampling: Sampling | None, consume: bool = False, placeholders: bool = False) -> Export:  # fmt: skip
     """Check ``artifact`` against the profile and ``model``; the student is ``artifact`` applied to a copy of
-    ``model`` (the full-precision model itself without an artifact), the schedule the one given, else the
-    artifact's, else the family's reference one."""
+    ``model`` (to ``model`` itself with ``consume``; the full-precision model itself without an artifact), holding
+    placeholders for its quantized weights with ``placeholders`` (see ``QuantLinear``); the schedule the one
+    given, else the artifact's, else the family's reference one."""
     prof = profile(profile_name)
     if prof.container != container:
         raise ConfigError(f"profile {prof.name} exports {prof.container.upper()}, not {container.upper()}")
@@ -55,7 +56,7 @@ def prepare(model: Denoiser, artifact: QuantArtifact | None, profile_name: str, 
         return Export(prof, model, sampling or default_sampling(model.spec), made_from)
     if source is not None:
         artifact.check_model(source)
-    student = artifact.apply(copy.deepcopy(model))
+    student = artifact.apply(model if consume else copy.deepcopy(model), placeholders)
     return Export(prof, student, sampling or artifact.sampling(), artifact.manifest.get("model"))
 
 

@@ -122,11 +122,12 @@ def export_gguf(
     sampling: Sampling | None = None,
     overwrite: bool = False,
     parity: dict | None = None,
+    consume: bool = False,
 ) -> Path:
     """Write the bundle ``out/``: model.gguf, schedule.json, the tokenizer files and manifest.json, all at once
-    or not at all. ``model`` (left as it is) is the full-precision checkpoint; ``artifact`` the student to export
-    (None for gguf-f16 and gguf-f32, the full-precision model)."""
-    job = prepare(model, artifact, profile_name, "gguf", sampling)
+    or not at all. ``model`` (left as it is, unless ``consume``: the student is made of it) is the full-precision
+    checkpoint; ``artifact`` the student to export (None for gguf-f16 and gguf-f32, the full-precision model)."""
+    job = prepare(model, artifact, profile_name, "gguf", sampling, consume)
     layout = model.gguf_layout()
     if layout is None:
         raise ConfigError(f"llama.cpp has no loader for {model.spec.family} models: GGUF export takes LLaDA or Dream")

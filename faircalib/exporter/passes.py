@@ -1,14 +1,16 @@
 """Graph-to-graph passes over the exported ONNX of a fake-quant student (the way NVIDIA modelopt exports):
-quantized weight initializers behind DequantizeLinear, fp16 activation quantizers, one Q/DQ pair per reader."""
+quantized weights as codes behind DequantizeLinear and weights transposed as they are written (on the exporter's
+``onnx_ir`` graph, before constant folding), fp16 activation quantizers and one Q/DQ pair per reader (on the
+proto)."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 from onnx import helper, numpy_helper
 
@@ -19,21 +21,22 @@ from faircalib.models.base import Denoiser
 
 
 @dataclass(frozen=True)
-class FoldedWeight:
-    """How to recognise W^T [K, N] as the student multiplies it (what the exporter folds into an initializer):
-    the sha256 and size of its float32 values, the dequantized weight or, when ``scaled_after`` (per-token
-    quantized activations), the centred codes whose scales are applied after the product. Only the digest is
-    kept: holding every layer's float32 values at once would cost the whole model's size again."""
+class TracedWeight:
+    """A quantized linear's weight as the traced graph reads it: ``key`` its layer, ``quantized`` its codes;
+    ``scaled_after``: the initializer holds the centred codes W^T [K, N] (per-token quantized activations take
+    the product on codes and scale afterwards), read through a Cast to float; otherwise it holds W [N, K],
+    read through a Transpose to W^T."""
 
-    digest: str
-    size: int
+    key: str
     quantized: QuantizedWeight
     scaled_after: bool
 
 
-def quantized_layers(student: Denoiser) -> dict[str, FoldedWeight]:
-    """key -> the folded weight of every quantized linear of ``student``."""
-    layers = {}
+def traced_weights(student: Denoiser) -> dict[str, TracedWeight]:
+    """Initializer name (the weight buffer's qualified name, as the exporter names it) -> the quantized
+    linear whose weight it holds, for every quantized linear of ``student``."""
+    module_names = {id(module): name for name, module in student.named_modules()}
+    weights = {}
     for index, block in enumerate(student.blocks):
         for group in student.linear_groups():
             for name in group:
@@ -41,15 +44,15 @@ def quantized_layers(student: Denoiser) -> dict[str, FoldedWeight]:
                 if not isinstance(layer, QuantLinear):
                     raise ConfigError(f"blocks.{index}.{name} is not quantized")
                 scaled_after = layer.weight is None
-                values = (layer.weight_codes if scaled_after else layer.weight.T).detach().float().contiguous()
-                layers[f"blocks.{index}.{name}"] = FoldedWeight(
-                    _digest(values.numpy()), values.numel(), layer.quantized, scaled_after
+                buffer = "weight_codes" if scaled_after else "weight"
+                weights[f"{module_names[id(layer)]}.{buffer}"] = TracedWeight(
+                    f"blocks.{index}.{name}", layer.quantized, scaled_after
                 )
-    return layers
+    return weights
 
 
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+_CODE_TYPES = {(4, True): ir.DataType.INT4, (4, False): ir.DataType.UINT4, (8, True): ir.DataType.INT8,
+               (8, False): ir.DataType.UINT8}  # fmt: skip
 
 
 def _integer_array(codes: torch.Tensor, bits: int, signed: bool) -> np.ndarray:
@@ -59,104 +62,88 @@ def _integer_array(codes: torch.Tensor, bits: int, signed: bool) -> np.ndarray:
     return values.astype(np.int8 if signed else np.uint8)
 
 
-def detach_weight_initializers(graph, layers: dict[str, FoldedWeight]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Find each layer's folded W^T among the initializers of the exporter's graph (an ``onnx_ir`` graph, before
-    any proto exists) and put a one-element placeholder in its place, so the float weights are never copied
-    into the proto. Returns initializer name -> (layer key, shape); every layer must be found exactly once.
-
-    A W^T can also be integer-typed: a student keeping its centred codes as int8 / int16 exports them as such,
-    cast to float where they are multiplied."""
-    import onnx_ir as ir
-
-    wanted = {layer.digest: key for key, layer in layers.items()}
-    if len(wanted) != len(layers):
-        raise ConfigError("two quantized layers have identical weights: cannot tell their initializers apart")
-    kinds = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.INT16)
-    found: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, value in graph.initializers.items():
-        tensor = value.const_value
-        if tensor is None or tensor.dtype not in kinds:
-            continue
-        array = tensor.numpy()
-        key = wanted.get(_digest(array.astype(np.float32, copy=False)))
-        if key is None or array.size != layers[key].size:
-            continue
-        if any(key == seen for seen, _ in found.values()):
-            raise ConfigError(f"layer {key} appears twice in the exported graph")
-        found[name] = (key, tuple(array.shape))
-        value.const_value = ir.Tensor(np.zeros(1, array.dtype), name=name)
-    missing = sorted(set(layers) - {key for key, _ in found.values()})
-    if missing:
-        raise ConfigError(f"the exported graph has no weight initializer for {', '.join(missing[:3])}")
-    return found
+def dequantize_weights(graph: ir.Graph, weights: dict[str, TracedWeight], scale_dtype: np.dtype) -> int:
+    """Put each quantized linear's codes behind a DequantizeLinear that makes W^T [K, N] where the traced graph
+    made it from the weight initializer (by its Transpose, or by the Cast of the centred codes), and drop that
+    initializer: the float weights the student was traced with (placeholders, see ``QuantLinear``) never reach
+    the file, and the codes come straight from the artifact. Runs before constant folding, which would copy
+    every transposed weight. Returns how many initializers were replaced."""
+    for name, weight in weights.items():
+        value = graph.initializers.get(name)
+        if value is None:
+            raise ConfigError(f"the exported graph has no weight initializer for {weight.key}")
+        readers = value.consumers()
+        expected = "Cast" if weight.scaled_after else "Transpose"
+        if not readers or any(node.op_type != expected for node in readers):
+            raise ConfigError(f"the exported graph reads {weight.key}'s weight other than by a {expected}")
+        made = _dequantize(graph, weight, scale_dtype)
+        for node in readers:
+            to = node.attributes.get("to")
+            if node.op_type == "Cast" and to is not None and to.as_int() != made.dtype:
+                node.replace_input_with(0, made)  # the codes go on to another float type
+                continue
+            node.outputs[0].replace_all_uses_with(made, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+        graph.initializers.pop(name)
+    return len(weights)
 
 
-def quantize_weight_initializers(
-    model: onnx.ModelProto, layers: dict[str, FoldedWeight], found: dict[str, tuple[str, tuple[int, ...]]],
-    scale_dtype: np.dtype,
-) -> int:  # fmt: skip
-    """Replace each placeholder ``detach_weight_initializers`` left by the layer's codes + DequantizeLinear.
-
-    A W^T that holds the centred codes themselves (``scaled_after``) dequantizes with unit scales.
-    Returns how many initializers were replaced."""
-    graph = model.graph
-    replaced = [init for init in graph.initializer if init.name in found]
-    for init in replaced:
-        key, shape = found[init.name]
-        graph.initializer.remove(init)
-        initializers, nodes = _dequantize(key, layers[key], init.name, shape, scale_dtype)
-        graph.initializer.extend(initializers)
-        for node in reversed(nodes):
-            graph.node.insert(0, node)
-    if len(replaced) != len(found):
-        raise ConfigError("the exported proto lost a weight initializer")
-    _drop_stale_casts(graph, set(found), helper.np_dtype_to_tensor_dtype(np.dtype(scale_dtype)))
-    return len(replaced)
-
-
-def _dequantize(
-    key: str, folded: FoldedWeight, name: str, shape: tuple[int, ...], scale_dtype: np.dtype
-) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """The initializers and nodes that make the tensor ``name`` (of ``shape``) from one layer's codes: blocked
-    along K for group-wise weights, per output channel otherwise."""
-    q = folded.quantized
-    prefix = key.replace(".", "_")
-    codes = _integer_array(q.codes.T.contiguous(), q.spec.bits, q.spec.symmetric)  # [K, N]
-    inputs = [f"{prefix}_codes", f"{prefix}_scale"]
+def _dequantize(graph: ir.Graph, weight: TracedWeight, scale_dtype: np.dtype) -> ir.Value:
+    """The initializers and the DequantizeLinear that make one layer's W^T [K, N] (the centred codes, unit
+    scales, when ``scaled_after``): blocked along K for group-wise weights, per output channel otherwise."""
+    q = weight.quantized
+    prefix = weight.key.replace(".", "_")
     group = q.codes.shape[1] // q.scale.shape[1]
     blocked = q.spec.group_size is not None  # even a single group: TensorRT takes blocked DQ only
     scale = q.scale.T.contiguous().numpy() if blocked else q.scale[:, 0].numpy()  # [G, N] or [N]
-    if folded.scaled_after:
+    if weight.scaled_after:
         scale = np.ones_like(scale)
-    new = [numpy_helper.from_array(codes, inputs[0]), numpy_helper.from_array(scale.astype(scale_dtype), inputs[1])]
+    # the codes are made as they are written: the graph holds no second copy of every layer's codes
+    codes = ir.LazyTensor(
+        lambda: ir.tensor(_integer_array(q.codes.T.contiguous(), q.spec.bits, q.spec.symmetric)),
+        _CODE_TYPES[q.spec.bits, q.spec.symmetric], ir.Shape(q.codes.shape[::-1]), name=f"{prefix}_codes",
+    )  # fmt: skip
+    tensors = [codes, ir.tensor(scale.astype(scale_dtype), name=f"{prefix}_scale")]
     if q.zero is not None:
         zero = q.zero.T.contiguous() if blocked else q.zero[:, 0]
-        inputs.append(f"{prefix}_zero")
-        new.append(numpy_helper.from_array(_integer_array(zero.round(), q.spec.bits, False), inputs[2]))
+        tensors.append(ir.tensor(_integer_array(zero.round(), q.spec.bits, False), name=f"{prefix}_zero"))
+    inputs = []
+    for tensor in tensors:
+        inputs.append(ir.val(tensor.name, tensor.dtype, tensor.shape, const_value=tensor))
+        graph.register_initializer(inputs[-1])
     attrs = {"axis": 0, "block_size": group} if blocked else {"axis": 1}
-    nodes = [helper.make_node("DequantizeLinear", inputs, [name], name=f"{prefix}_dequantize", **attrs)]
-    if shape != codes.shape:  # the exporter folded a reshape of W^T (per-group products)
-        nodes[0].output[0] = f"{prefix}_dequantized"
-        new.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), f"{prefix}_shape"))
-        nodes.append(helper.make_node("Reshape", [nodes[0].output[0], new[-1].name], [name], name=f"{prefix}_reshape"))
-    return new, nodes
+    node = ir.node("DequantizeLinear", inputs, attrs, name=f"{prefix}_dequantize")
+    node.outputs[0].name = f"{prefix}_dequantized"
+    node.outputs[0].dtype = inputs[1].dtype
+    node.outputs[0].shape = codes.shape
+    graph.insert_before(graph.node(0), node)
+    return node.outputs[0]
 
 
-def _drop_stale_casts(graph: onnx.GraphProto, replaced: set[str], dequantized: int) -> None:
-    """An integer initializer's recorded type would contradict the float its DequantizeLinear now makes, and
-    the Cast to float the student multiplied it through now reads that float: drop both."""
-    stale = [info for info in graph.value_info if info.name in replaced]
-    for info in stale:
-        graph.value_info.remove(info)
-    readers = consumers(graph)
-    for name in replaced:
-        for cast in readers.get(name, []):
-            to = next((a for a in cast.attribute if a.name == "to"), None)
-            if cast.op_type != "Cast" or to is None or helper.get_attribute_value(to) != dequantized:
-                continue
-            for user in readers.get(cast.output[0], []):
-                user.input[:] = [name if i == cast.output[0] else i for i in user.input]
-            graph.node.remove(cast)
+def lazy_transposes(graph: ir.Graph) -> int:
+    """Replace each Transpose of a 2-D initializer that only it reads by an initializer that transposes when it
+    is written: constant folding would hold a transposed copy of every such weight (every full-precision
+    linear) until the model is saved. Returns how many were replaced."""
+    replaced = 0
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        tensor = source.const_value if source is not None and source.is_initializer() else None
+        perm = node.attributes.get("perm")
+        if tensor is None or len(tensor.shape) != 2 or len(source.uses()) != 1:
+            continue
+        if perm is not None and list(perm.as_ints()) != [1, 0]:
+            continue
+        name = node.outputs[0].name
+        shape = ir.Shape(list(reversed(tensor.shape.dims)))
+        lazy = ir.LazyTensor(lambda t=tensor: ir.tensor(np.ascontiguousarray(t.numpy().T)), tensor.dtype, shape,
+                             name=name)  # fmt: skip
+        value = ir.val(name, tensor.dtype, shape, const_value=lazy)
+        node.outputs[0].replace_all_uses_with(value, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        graph.register_initializer(value)
+        replaced += 1
+    return replaced
 
 
 def half_precision_activation_qdq(model: onnx.ModelProto) -> int:

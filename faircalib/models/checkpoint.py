@@ -1,7 +1,9 @@
 """Reading and writing checkpoint directories: config.json + safetensors (single file or sharded).
 
 Tensors are read one at a time straight into the dtype the caller asks for, so an 8B checkpoint never
-exists twice in memory: the model is built on the meta device and each parameter is assigned once.
+exists twice in memory: the model is built on the meta device and each parameter is assigned once. They are
+read into memory of their own, not mapped from the file: a mapping lives as long as any tensor of the file, so
+the weights an export replaces by their codes would stay resident.
 """
 
 from __future__ import annotations
@@ -88,16 +90,13 @@ class TensorSource:
             raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
         loaded: dict[str, torch.Tensor] = {}
         for path, names in _group_by_file({n: self.files[n] for n in expected}).items():
-            with _open(path) as handle:
-                for name in names:
-                    tensor = handle.get_tensor(name)
-                    want = tuple(expected[name].shape)
-                    if tuple(tensor.shape) != want:
-                        raise CheckpointError(
-                            f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
-                            f"but the config implies {want}"
-                        )
-                    loaded[name] = tensor.to(device=device, dtype=dtype)
+            header, _ = _header(path)
+            for name in names:  # shapes first: a mismatch is found before anything is read
+                shape, want = tuple(header[name]["shape"]), tuple(expected[name].shape)
+                if shape != want:
+                    raise CheckpointError(f"tensor {name} in {path.name} has shape {shape}, the config implies {want}")
+            for name, tensor in read_tensors(path, names):
+                loaded[name] = tensor.to(device=device, dtype=dtype)
         model.load_state_dict(loaded, assign=True)
 
 
@@ -111,8 +110,37 @@ def _group_by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of a safetensors file, and its metadata (empty when it has none)."""
     with _open(path) as handle:
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        return tensors, handle.metadata() or {}
+        names, metadata = list(handle.keys()), handle.metadata() or {}
+    return dict(read_tensors(path, names)), metadata
+
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_tensors(path: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors ``names`` of a safetensors file, one at a time, each read into its own memory."""
+    header, base = _header(path)
+    with path.open("rb") as file:
+        for name in names:
+            info = header[name]
+            start, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+            file.seek(base + start)
+            if file.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - start:
+                raise CheckpointError(f"{path} ends inside tensor {name}: the file is truncated")
+            yield name, tensor
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its data starts."""
+    with _open(path):  # the header checked, with our errors
+        pass
+    with path.open("rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        return json.loads(file.read(size)), 8 + size
 
 
 def _open(path: Path):

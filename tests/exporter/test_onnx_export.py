@@ -275,6 +275,28 @@ def test_static_and_per_token_activation_artifacts_go_to_their_own_profiles():
     profile("ort-w8a8").check(static)
 
 
+def test_an_export_made_of_the_model_itself_writes_the_same_file_and_a_kept_model_is_untouched(
+    tiny_dirs, artifacts, tmp_path
+):
+    model = load_denoiser(tiny_dirs["llada"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = export_bundle(model, QuantArtifact.load(artifacts["rotated-a4"]), "ort-w4a4", tmp_path / "kept")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    consumed = export_bundle(model, QuantArtifact.load(artifacts["rotated-a4"]), "ort-w4a4", tmp_path / "consumed",
+                             consume=True)  # fmt: skip
+    assert (kept / "model.onnx").read_bytes() == (consumed / "model.onnx").read_bytes()
+
+
+def test_a_traced_student_holds_no_weights_even_when_cast(tiny_dirs, artifacts):
+    from faircalib.calib.linear import QuantLinear
+
+    student = QuantArtifact.load(artifacts["sym-g64"]).apply(load_denoiser(tiny_dirs["llada"]), placeholders=True)
+    for dtype in (torch.float32, torch.float16):
+        layers = [m for m in student.to(dtype).modules() if isinstance(m, QuantLinear)]
+        assert layers and all(m.weight.dtype == dtype and m.weight.untyped_storage().nbytes() == m.weight.element_size()
+                              for m in layers)  # fmt: skip
+
+
 # A one-block LLaDA with the real 126,464-token vocabulary, 2.4 GB in fp32: its export, in a fresh process, prints
 # the process's peak resident set.
 LARGE_EXPORT = """

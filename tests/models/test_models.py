@@ -175,6 +175,14 @@ def test_misshaped_tensor(tmp_path):
         load_denoiser(path)
 
 
+def test_truncated_weights_file(tmp_path):
+    path = write_tiny_checkpoint("llada", tmp_path / "m")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_denoiser(path)
+
+
 def test_index_points_at_missing_shard(tmp_path):
     path = write_tiny_checkpoint("llada", tmp_path / "m", max_shard_bytes=40_000)
     victim = sorted(path.glob("model-*.safetensors"))[1]
