@@ -6,6 +6,9 @@ in a fresh process, which reports its own resident high-water mark; as `faircali
 model consumed) and, with --keep-model, as the Python API does by default (the model left as it is):
 
     python benchmarks/export_memory.py --work /tmp/export-memory --profiles ort-w4a16 ort-fp32
+
+With --checkpoint and --artifact it exports those instead (benchmarks/gpu_scale.py does, at LLaDA-8B's size),
+loading the checkpoint in --dtype.
 """
 
 from __future__ import annotations
@@ -45,18 +48,18 @@ def write_model(work: Path, blocks: int, d_model: int, ffn: int) -> None:
     )
 
 
-def export_one(work: Path, profile: str, consume: bool) -> dict:
+def export_one(checkpoint: Path, art: Path, profile: str, out: Path, consume: bool, dtype: torch.dtype) -> dict:
     """In this process: export, then report."""
     start = time.perf_counter()
-    artifact = None if profile.endswith("fp32") else QuantArtifact.load(work / "art")
-    export(load_denoiser(work / "ckpt"), artifact, profile, work / profile, overwrite=True, consume=consume)
-    checkpoint = sum(f.stat().st_size for f in (work / "ckpt").glob("*.safetensors"))
-    bundle = sum(f.stat().st_size for f in (work / profile).iterdir())
+    artifact = None if profile.endswith("fp32") else QuantArtifact.load(art)
+    export(load_denoiser(checkpoint, dtype), artifact, profile, out, overwrite=True, consume=consume)
+    checkpoint_bytes = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    bundle = sum(f.stat().st_size for f in out.iterdir())
     peak = host_peak_mb()
-    return {"profile": profile, "model": "consumed" if consume else "kept",
-            "seconds": round(time.perf_counter() - start, 1), "checkpoint_gb": checkpoint / 1e9,
+    return {"profile": profile, "model": "consumed" if consume else "kept", "dtype": str(dtype).removeprefix("torch."),
+            "seconds": round(time.perf_counter() - start, 1), "checkpoint_gb": checkpoint_bytes / 1e9,
             "bundle_gb": bundle / 1e9, "host_peak_mb": round(peak),
-            "peak_over_checkpoint_and_bundle": round(peak * 2**20 / (checkpoint + bundle), 2)}  # fmt: skip
+            "peak_over_checkpoint_and_bundle": round(peak * 2**20 / (checkpoint_bytes + bundle), 2)}  # fmt: skip
 
 
 def main() -> int:
@@ -67,17 +70,26 @@ def main() -> int:
     parser.add_argument("--d-model", type=int, default=2048)
     parser.add_argument("--ffn", type=int, default=5632)
     parser.add_argument("--keep-model", action="store_true", help="also export leaving the loaded model as it is")
+    parser.add_argument("--checkpoint", type=Path, help="export this checkpoint instead of a model built in --work")
+    parser.add_argument("--artifact", type=Path, help="with --checkpoint: its artifact for the quantized profiles")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="to load the checkpoint in")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: export this profile and print its row
     args = parser.parse_args()
+    checkpoint, artifact = args.checkpoint or args.work / "ckpt", args.artifact or args.work / "art"
     if args.one:
-        print(json.dumps(export_one(args.work, args.one, consume=not args.keep_model)))
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        row = export_one(checkpoint, artifact, args.one, args.work / args.one, not args.keep_model, dtype)
+        print(json.dumps(row))
         return 0
-    torch.manual_seed(0)
-    write_model(args.work, args.blocks, args.d_model, args.ffn)
+    if args.checkpoint is None:
+        torch.manual_seed(0)
+        write_model(args.work, args.blocks, args.d_model, args.ffn)
     rows = []
     for profile in args.profiles:
         for keep in (False, True) if args.keep_model else (False,):
-            child = [sys.executable, __file__, "--work", str(args.work), "--one", profile, *["--keep-model"] * keep]
+            paths = ["--checkpoint", str(checkpoint), "--artifact", str(artifact)]
+            child = [sys.executable, __file__, "--work", str(args.work), "--one", profile, "--dtype", args.dtype,
+                     *paths, *["--keep-model"] * keep]  # fmt: skip
             done = subprocess.run(child, check=True, capture_output=True, text=True)
             rows.append(json.loads(done.stdout.splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)

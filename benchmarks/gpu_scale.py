@@ -8,6 +8,9 @@ the timings and memory real and the quality meaningless: decision metrics are no
     python benchmarks/gpu_scale.py --out runs/gpu-scale [--layers 32] [--methods fair gptq-recon] [--stream-blocks]
 
 ``--stream-blocks`` keeps the blocks in host memory (each on the GPU only while it runs), as on a 24 GB GPU.
+``--export`` then calibrates an RTN W4A16 artifact (groups of 128) and exports it as ``ort-w4a16`` and
+``trt-w4a16``, each in a fresh process on the host (benchmarks/export_memory.py): seconds and host peak against
+checkpoint + bundle, into ``export.json``.
 
 Writes ``scale.json`` (one record per method, rewritten after each so a cut-off run keeps what finished)
 and ``hadamard.json`` to ``--out``.
@@ -19,6 +22,7 @@ import argparse
 import json
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -136,6 +140,23 @@ def hadamard_bench() -> list[dict]:
     return rows
 
 
+def export_rows(model_dir: Path, args: argparse.Namespace) -> list[dict]:
+    """RTN W4A16 g128 of the checkpoint (on the GPU), then its ort-w4a16 and trt-w4a16 exports on the host."""
+    model = load_denoiser(model_dir, torch.bfloat16, "cuda")
+    cfg = preset("rtn", wbits=4, abits=16, group_size=128, n_prompts=2)
+    sampling = default_sampling(model.spec, gen_length=8, block_length=8, steps=8)
+    artifact = args.work / "rtn-w4a16-g128"
+    calibrate_to(artifact, model, cfg, [[5, 6, 7], [8, 9, 10]], sampling, overwrite=True)
+    del model
+    torch.cuda.empty_cache()
+    script = Path(__file__).with_name("export_memory.py")
+    command = [sys.executable, str(script), "--work", str(args.work / "bundles"), "--checkpoint", str(model_dir),
+               "--artifact", str(artifact), "--dtype", "bf16", "--profiles", "ort-w4a16", "trt-w4a16"]  # fmt: skip
+    (args.work / "bundles").mkdir(parents=True, exist_ok=True)
+    subprocess.run(command, check=True)
+    return json.loads((args.work / "bundles" / "export_memory.json").read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -151,6 +172,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hadamard", action="store_true")
     parser.add_argument("--stream-blocks", action="store_true", help="blocks in host memory, one on the GPU at a time")
+    parser.add_argument("--export", action="store_true", help="also export an RTN W4A16 artifact (ort / trt-w4a16)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_scale needs a CUDA GPU", file=sys.stderr)
@@ -177,6 +199,9 @@ def main() -> int:
         report["methods"].append(calibrate_one(model_dir, method, args, args.work))
         print(json.dumps(report["methods"][-1]), flush=True)
         (args.out / "scale.json").write_text(json.dumps(report, indent=1))
+    if args.export:
+        rows = export_rows(model_dir, args)
+        (args.out / "export.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     return 0
 
 
