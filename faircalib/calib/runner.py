@@ -32,6 +32,11 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def checkpoint_bytes(model_dir: str | Path) -> int:
+    """The size of a checkpoint's weight files."""
+    return sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors"))
+
+
 def host_peak_mb() -> float:
     """This process's resident-set high-water mark, in MiB.
 
@@ -108,6 +113,8 @@ def quantize(
         # the GPU's on a GPU (where host memory is not what runs out), else the host's
         "peak_memory_mb": max(peaks.values()) if peaks else host_peak_mb(),
         "gpu_peak_mb_by_stage": peaks,
+        "host_peak_mb": host_peak_mb(),
+        "host_peak_over_checkpoint": host_peak_mb() * 2**20 / checkpoint_bytes(source) if source else None,
         "blocks": reports,
     }
     if result.promotion is not None:

@@ -71,7 +71,7 @@ KILL_POINTS = [  # (where, which call, how)
 
 def artifact_files(path):
     manifest = json.loads((path / "manifest.json").read_text())
-    for key in ("timings", "peak_memory_mb", "gpu_peak_mb_by_stage"):
+    for key in ("timings", "peak_memory_mb", "gpu_peak_mb_by_stage", "host_peak_mb", "host_peak_over_checkpoint"):
         manifest.pop(key)
     for block in manifest["blocks"]:
         block.pop("seconds")

@@ -72,3 +72,8 @@ def test_other_families_calibrate(tmp_path, tiny_dirs, family):
     art.apply(model)
     ids = torch.tensor([prompts[0] + [model.spec.mask_token_id] * 4])
     assert model(ids).shape == teacher(ids).shape
+    # the host peak, also as a share of the checkpoint (the tiny one's is mostly the imports)
+    manifest = art.manifest
+    weights = sum(path.stat().st_size for path in tiny_dirs[family].glob("*.safetensors"))
+    assert manifest["host_peak_over_checkpoint"] == pytest.approx(manifest["host_peak_mb"] * 2**20 / weights)
+    assert manifest["host_peak_mb"] > weights / 2**20
