@@ -33,8 +33,8 @@ def _digest(obj) -> str:
 
 
 def checkpoint_bytes(model_dir: str | Path) -> int:
-    """The size of a checkpoint's weight files."""
-    return sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors"))
+    """The size of a checkpoint's weight files (at least 1: a ratio to it is always defined)."""
+    return max(1, sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors")))
 
 
 def host_peak_mb() -> float:
