@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from faircalib.errors import CheckpointError, ConfigError
 from faircalib.files import MANIFEST, OWNER_KEY, staged_dir
 from faircalib.kernels.int4 import pack_int4, unpack_int4
 from faircalib.models.base import Denoiser
-from faircalib.models.checkpoint import read_json_object, read_safetensors
+from faircalib.models.checkpoint import LazyTensors, read_json_object
 from faircalib.sampling import Sampling, sampling_from_json_dict
 
 ARTIFACT_FORMAT = 5  # 5: each layer's weight and activation bits in its record (mixed precision)
@@ -126,9 +127,9 @@ class QuantArtifact:
                 f"{READABLE[-1]}: " + ("calibrate again with this version" if older else "upgrade faircalib to read it")
             )
         config = QuantConfig.from_json_dict(manifest["config"])
-        tensors, _ = read_safetensors(path / TENSORS)
+        tensors = LazyTensors(path / TENSORS)  # packed codes read and unpacked one layer at a time
         layers = decode_layers(tensors, manifest["layers"], config)
-        fp_params = {name[3:]: value for name, value in tensors.items() if name.startswith("fp.")}
+        fp_params = {name[3:]: tensors[name] for name in tensors if name.startswith("fp.")}
         return cls(config, layers, fp_params, tensors.get("prior"), manifest, path)
 
 
@@ -159,7 +160,7 @@ def encode_tensors(
 
 
 def decode_layers(
-    tensors: dict[str, torch.Tensor], entries: dict[str, dict[str, Any]], config: QuantConfig
+    tensors: Mapping[str, torch.Tensor], entries: dict[str, dict[str, Any]], config: QuantConfig
 ) -> dict[str, QuantizedLayer]:
     """Inverse of ``encode_tensors`` and ``layer_entries`` for the layers (an entry without bits: the config's)."""
     layers = {}

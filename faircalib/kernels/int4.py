@@ -17,7 +17,13 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
-    """Inverse of ``pack_int4``: uint8 [..., K // 2] -> int8 codes [..., K]."""
-    low, high = (packed & 0xF).to(torch.int8), (packed >> 4).to(torch.int8)
-    codes = torch.stack([low, high], dim=-1).flatten(-2)
-    return torch.where(codes > 7, codes - 16, codes) if signed else codes
+    """Inverse of ``pack_int4``: uint8 [..., K // 2] -> int8 codes [..., K]. The result is allocated before any
+    temporary and the nibbles are written into it in place, so a loader unpacking layer after layer leaves no
+    freed temporaries pinned under the codes it keeps."""
+    codes = torch.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=torch.int8, device=packed.device)
+    nibbles = packed.view(torch.int8)
+    torch.bitwise_and(nibbles, 0xF, out=codes[..., 0::2])
+    torch.bitwise_right_shift(packed, 4, out=codes[..., 1::2])
+    if signed:  # 8..15 stand for -8..-1
+        codes.sub_(codes.gt(7).to(torch.int8) << 4)
+    return codes

@@ -134,6 +134,26 @@ def read_tensors(path: Path, names: list[str]) -> Iterator[tuple[str, torch.Tens
             yield name, tensor
 
 
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file by name, each read from the file when it is asked for and not kept:
+    a reader that turns them into something else one at a time never holds them all."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.names = [name for name in _header(path)[0] if name != "__metadata__"]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return next(read_tensors(self.path, [name]))[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def _header(path: Path) -> tuple[dict[str, Any], int]:
     """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its data starts."""
     with _open(path):  # the header checked, with our errors
