@@ -105,5 +105,4 @@ def fold_block_transforms(model: Denoiser, layout: RotationLayout, transforms: d
     for i, block in enumerate(model.blocks):
         with visiting(block, model.device):  # blocks may wait on the CPU
             for module, name, fn in block_maps(block, layout, lambda key, i=i: stacked[key][i]):
-                tensor = getattr(module, name)
-                set_value(tensor, fn(tensor.detach().double()))
+                set_value(getattr(module, name), fn)

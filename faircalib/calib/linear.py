@@ -121,7 +121,7 @@ class QuantLinear(nn.Module):
             for name in ("weight", "weight_codes"):
                 value = getattr(self, name, None)
                 if value is not None:
-                    setattr(self, name, torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape))
+                    setattr(self, name, placeholder(value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.act.enabled:
@@ -139,6 +139,15 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         spec = self.quantized.spec
         return f"{self.in_features}, {self.out_features}, w{spec.bits} g{spec.group_size} a{self.act.bits}"
+
+
+def placeholder(like: torch.Tensor) -> torch.Tensor:
+    """One value broadcast to ``like``'s shape, dtype and device: stands, at no cost, for values never read."""
+    return torch.zeros((), dtype=like.dtype, device=like.device).expand(like.shape)
+
+
+def is_placeholder(tensor: torch.Tensor) -> bool:
+    return tensor.numel() > 1 and all(stride == 0 for stride in tensor.stride())
 
 
 def static_quant_dequant(x: torch.Tensor, act: ActSpec) -> torch.Tensor:

@@ -10,9 +10,12 @@ Hadamard, H = H^T) with W_down H absorbing it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from faircalib.calib.linear import is_placeholder
 from faircalib.errors import ConfigError
 from faircalib.kernels.hadamard import OnlineHadamard, random_hadamard
 from faircalib.models.base import Denoiser, RotationLayout
@@ -20,16 +23,19 @@ from faircalib.models.layers import RMSNorm
 from faircalib.models.streaming import visiting
 
 
-def set_value(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Overwrite a parameter's values in its own dtype."""
-    param.data.copy_(value.to(param.dtype))
+def set_value(param: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Overwrite a parameter with ``fn`` of its values in float64, in its own dtype. A placeholder (a weight an
+    export's student replaces by its codes) has no values to turn."""
+    if is_placeholder(param):
+        return
+    param.data.copy_(fn(param.detach().double()).to(param.dtype))
 
 
 def fuse_norm(norm: RMSNorm, readers: list[nn.Linear]) -> None:
     """Move the norm's scale into the readers' input columns and make the norm scale-free."""
     scale = norm.weight.detach().double()
     for linear in readers:
-        set_value(linear.weight, linear.weight.detach().double() * scale)
+        set_value(linear.weight, lambda w: w * scale)
     norm.weight.data.fill_(1.0)
 
 
@@ -58,16 +64,16 @@ def fold_rotation(model: Denoiser, layout: RotationLayout, q: torch.Tensor) -> N
     q = q.to(model.device, torch.float64)
     for name in (layout.embedding, layout.head):
         weight = model.get_submodule(name).weight
-        set_value(weight, weight.detach().double() @ q)
+        set_value(weight, lambda w: w @ q)
     for block in model.blocks:
         with visiting(block, model.device):
             readers, writers = block_residual_linears(block, layout)
             for linear in readers:
-                set_value(linear.weight, linear.weight.detach().double() @ q)
+                set_value(linear.weight, lambda w: w @ q)
             for linear in writers:
-                set_value(linear.weight, q.T @ linear.weight.detach().double())
+                set_value(linear.weight, lambda w: q.T @ w)
                 if linear.bias is not None:
-                    set_value(linear.bias, q.T @ linear.bias.detach().double())
+                    set_value(linear.bias, lambda b: q.T @ b)
 
 
 @torch.no_grad()
@@ -87,7 +93,7 @@ def rotate_model(model: Denoiser, seed: int) -> RotationLayout:
     for block in model.blocks:
         down = block.get_submodule(layout.ffn_down)
         online = OnlineHadamard(down.weight.shape[1])
-        set_value(down.weight, online(down.weight.detach().double()))  # W H (rows times the symmetric H)
+        set_value(down.weight, online)  # W H (rows times the symmetric H)
         parent_name, _, child = layout.ffn_down_input.rpartition(".")
         setattr(block.get_submodule(parent_name) if parent_name else block, child, online)
     return layout

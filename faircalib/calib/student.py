@@ -3,6 +3,7 @@ every exported runtime computes."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from faircalib.calib.config import QuantConfig
 from faircalib.calib.learned_rotation import LEARNED_KEYS, fold_learned
-from faircalib.calib.linear import QuantizedLayer, install
+from faircalib.calib.linear import QuantizedLayer, install, placeholder
 from faircalib.calib.quarot import rotate_model
 from faircalib.errors import ConfigError
 from faircalib.models.base import Denoiser
@@ -35,6 +36,17 @@ def linear_names(model: Denoiser) -> list[str]:
 def linear_widths(model: Denoiser) -> list[int]:
     """The input width of every quantized linear of a block (what a group size must divide)."""
     return [model.blocks[0].get_submodule(name).in_features for name in linear_names(model)]
+
+
+def student_copy(model: Denoiser) -> Denoiser:
+    """A copy of ``model`` to turn into a student, holding placeholders for the weights of the linears the
+    student quantizes: its quantized layers replace them, so copying them would only cost memory."""
+    memo = {}
+    for block in model.blocks:
+        for name in linear_names(model):
+            weight = block.get_submodule(name).weight
+            memo[id(weight)] = nn.Parameter(placeholder(weight), requires_grad=False)
+    return copy.deepcopy(model, memo)
 
 
 def set_fp_params(block: nn.Module, index: int, params: Mapping[str, torch.Tensor]) -> None:

@@ -3,7 +3,6 @@ tokenizer files and manifest.json, written whole or not at all."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 
 from faircalib import __version__
 from faircalib.calib.artifact import QuantArtifact, model_fingerprint
+from faircalib.calib.student import student_copy
 from faircalib.errors import ConfigError
 from faircalib.exporter.profiles import Profile, profile
 from faircalib.exporter.schedule_file import SCHEDULE_FILE, write_schedule
@@ -43,9 +43,9 @@ class Export:
 def prepare(model: Denoiser, artifact: QuantArtifact | None, profile_name: str, container: str,
             sampling: Sampling | None, consume: bool = False, placeholders: bool = False) -> Export:  # fmt: skip
     """Check ``artifact`` against the profile and ``model``; the student is ``artifact`` applied to a copy of
-    ``model`` (to ``model`` itself with ``consume``; the full-precision model itself without an artifact), holding
-    placeholders for its quantized weights with ``placeholders`` (see ``QuantLinear``); the schedule the one
-    given, else the artifact's, else the family's reference one."""
+    ``model`` without the weights it quantizes (to ``model`` itself with ``consume``; the full-precision model
+    itself without an artifact), holding placeholders for its quantized weights with ``placeholders`` (see
+    ``QuantLinear``); the schedule the one given, else the artifact's, else the family's reference one."""
     prof = profile(profile_name)
     if prof.container != container:
         raise ConfigError(f"profile {prof.name} exports {prof.container.upper()}, not {container.upper()}")
@@ -56,7 +56,7 @@ def prepare(model: Denoiser, artifact: QuantArtifact | None, profile_name: str, 
         return Export(prof, model, sampling or default_sampling(model.spec), made_from)
     if source is not None:
         artifact.check_model(source)
-    student = artifact.apply(model if consume else copy.deepcopy(model), placeholders)
+    student = artifact.apply(model if consume else student_copy(model), placeholders)
     return Export(prof, student, sampling or artifact.sampling(), artifact.manifest.get("model"))
 
 
