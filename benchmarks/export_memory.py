@@ -25,7 +25,7 @@ import torch
 from faircalib.api import calibrate_to, export
 from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.config import preset
-from faircalib.calib.runner import host_peak_mb
+from faircalib.calib.runner import checkpoint_bytes, host_peak_mb
 from faircalib.models import load_denoiser
 from faircalib.models.llada import LLaDA
 from faircalib.models.tiny import randomize_, tiny_llada_config
@@ -53,13 +53,13 @@ def export_one(checkpoint: Path, art: Path, profile: str, out: Path, consume: bo
     start = time.perf_counter()
     artifact = None if profile.endswith("fp32") else QuantArtifact.load(art)
     export(load_denoiser(checkpoint, dtype), artifact, profile, out, overwrite=True, consume=consume)
-    checkpoint_bytes = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    weights = checkpoint_bytes(checkpoint)
     bundle = sum(f.stat().st_size for f in out.iterdir())
     peak = host_peak_mb()
     return {"profile": profile, "model": "consumed" if consume else "kept", "dtype": str(dtype).removeprefix("torch."),
-            "seconds": round(time.perf_counter() - start, 1), "checkpoint_gb": checkpoint_bytes / 1e9,
+            "seconds": round(time.perf_counter() - start, 1), "checkpoint_gb": weights / 1e9,
             "bundle_gb": bundle / 1e9, "host_peak_mb": round(peak),
-            "peak_over_checkpoint_and_bundle": round(peak * 2**20 / (checkpoint_bytes + bundle), 2)}  # fmt: skip
+            "peak_over_checkpoint_and_bundle": round(peak * 2**20 / (weights + bundle), 2)}  # fmt: skip
 
 
 def main() -> int:

@@ -105,16 +105,17 @@ def quantize(
     done, reports, earlier = saved.load_done(cfg) if saved is not None else (Calibrated(), [], {})
     timings.update(earlier)
     result = stage_two(model, cfg, calib, done, reports, timings, peaks, saved, quiet)
+    host_peak = host_peak_mb()
     manifest = {
         "model": {"path": str(source) if source else None, "fingerprint": fingerprint, "family": model.spec.family},
         "sampling": sampling.to_json_dict(),
         "calibration_data": {**calib.description, **(data_description or {})},
         "timings": timings,
         # the GPU's on a GPU (where host memory is not what runs out), else the host's
-        "peak_memory_mb": max(peaks.values()) if peaks else host_peak_mb(),
+        "peak_memory_mb": max(peaks.values()) if peaks else host_peak,
         "gpu_peak_mb_by_stage": peaks,
-        "host_peak_mb": host_peak_mb(),
-        "host_peak_over_checkpoint": host_peak_mb() * 2**20 / checkpoint_bytes(source) if source else None,
+        "host_peak_mb": host_peak,
+        "host_peak_over_checkpoint": host_peak * 2**20 / checkpoint_bytes(source) if source else None,
         "blocks": reports,
     }
     if result.promotion is not None:

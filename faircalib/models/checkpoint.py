@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -90,13 +90,14 @@ class TensorSource:
             raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
         loaded: dict[str, torch.Tensor] = {}
         for path, names in _group_by_file({n: self.files[n] for n in expected}).items():
-            header, _ = _header(path)
+            tensors = LazyTensors(path)
             for name in names:  # shapes first: a mismatch is found before anything is read
-                shape, want = tuple(header[name]["shape"]), tuple(expected[name].shape)
+                shape, want = tensors.shape(name), tuple(expected[name].shape)
                 if shape != want:
                     raise CheckpointError(f"tensor {name} in {path.name} has shape {shape}, the config implies {want}")
-            for name, tensor in read_tensors(path, names):
-                loaded[name] = tensor.to(device=device, dtype=dtype)
+            with path.open("rb") as file:
+                for name in names:
+                    loaded[name] = tensors.read(file, name).to(device=device, dtype=dtype)
         model.load_state_dict(loaded, assign=True)
 
 
@@ -109,9 +110,8 @@ def _group_by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of a safetensors file, and its metadata (empty when it has none)."""
-    with _open(path) as handle:
-        names, metadata = list(handle.keys()), handle.metadata() or {}
-    return dict(read_tensors(path, names)), metadata
+    tensors = LazyTensors(path)
+    return dict(tensors.items()), tensors.metadata
 
 
 DTYPES = {
@@ -120,47 +120,41 @@ DTYPES = {
 }  # fmt: skip
 
 
-def read_tensors(path: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors ``names`` of a safetensors file, one at a time, each read into its own memory."""
-    header, base = _header(path)
-    with path.open("rb") as file:
-        for name in names:
-            info = header[name]
-            start, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
-            file.seek(base + start)
-            if file.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - start:
-                raise CheckpointError(f"{path} ends inside tensor {name}: the file is truncated")
-            yield name, tensor
-
-
 class LazyTensors(Mapping[str, torch.Tensor]):
-    """The tensors of a safetensors file by name, each read from the file when it is asked for and not kept:
-    a reader that turns them into something else one at a time never holds them all."""
+    """The tensors of a safetensors file by name, each read into memory of its own when it is asked for and
+    not kept: a reader that turns them into something else one at a time never holds them all."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.names = [name for name in _header(path)[0] if name != "__metadata__"]
+        with _open(path):  # the header checked, with our errors
+            pass
+        with path.open("rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            self.header: dict[str, Any] = json.loads(file.read(size))
+        self.path, self.base = path, 8 + size
+        self.metadata: dict[str, str] = self.header.pop("__metadata__", None) or {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.names:
-            raise KeyError(name)
-        return next(read_tensors(self.path, [name]))[1]
+        with self.path.open("rb") as file:
+            return self.read(file, name)
+
+    def read(self, file: BinaryIO, name: str) -> torch.Tensor:
+        """Tensor ``name`` from this file opened as ``file`` (a reader of many shares one handle)."""
+        info = self.header[name]
+        start, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+        file.seek(self.base + start)
+        if file.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - start:
+            raise CheckpointError(f"{self.path} ends inside tensor {name}: the file is truncated")
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
+        return iter(self.header)
 
     def __len__(self) -> int:
-        return len(self.names)
-
-
-def _header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its data starts."""
-    with _open(path):  # the header checked, with our errors
-        pass
-    with path.open("rb") as file:
-        size = int.from_bytes(file.read(8), "little")
-        return json.loads(file.read(size)), 8 + size
+        return len(self.header)
 
 
 def _open(path: Path):
