@@ -94,7 +94,7 @@ def layer_figure(promotion: dict, out: Path) -> str:
            color=["#c44" if k in promoted else "#48c" for k in keys])  # fmt: skip
     ticks = [i for i, k in enumerate(keys) if i == 0 or k.split(".")[1] != keys[i - 1].split(".")[1]]
     ax.set_xticks(ticks, [f"block {keys[i].split('.')[1]}" for i in ticks], rotation=90, fontsize=7)
-    unit = "soft frontier flips it alone adds" if promotion["by"] == "flips" else "Hessian-trace sensitivity"
+    unit = "margin error (logits) its low bits add" if promotion["by"] == "flips" else "Hessian-trace sensitivity"
     ax.set(ylabel=unit, title=f"Per linear ({promotion['by']}; red: kept at 8 bits within {promotion['budget']:g} %)")
     return _save(fig, out, "layers.png")
 

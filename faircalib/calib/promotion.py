@@ -3,10 +3,11 @@
 Two ways to score a linear, both on the turned model before its blocks are calibrated:
 
 - ``flips`` (flip-aware): on a low-bit student of the turned model (every linear rounded to nearest at the
-  calibration's format), how much promoting that linear alone lowers the soft count of decisions that go
-  against the teacher's choices, at the masked positions of teacher states, by their token weights (the prior
-  puts FAIR-Calib's on the frontier). Measured, not estimated: one forward from the linear's block onward per
-  linear.
+  calibration's format), how much promoting that linear alone shrinks the student's margin error: summed over
+  the masked positions of the calibration states (the decisions still to be made, what each becomes and, by
+  the confidences, in which order), how far the student moves the logit gap between the teacher's two best
+  tokens there. A flip is that gap changing sign; the sum sees every decision moving towards one, a flip count
+  only the few that cross. Measured, not estimated: one forward from the linear's block onward per linear.
 - ``hessian`` (HAWQ's generic criterion): the trace of the teacher loss's Hessian in the weight (its
   empirical Fisher, one sequence at a time) per weight, times the squared error of rounding the weight.
 
@@ -33,8 +34,6 @@ from faircalib.models.base import Denoiser
 from faircalib.models.streaming import is_streamed
 
 PROMOTED_BITS = 8
-# Width in logits of the soft flip: a decision the teacher leads by a few nats can still flip, one led by ten cannot.
-FLIP_TEMPERATURE = 1.0
 ROWS = 8  # states per forward while scoring
 
 
@@ -44,17 +43,11 @@ def promoted_specs(weight: WeightSpec, act: ActSpec) -> tuple[WeightSpec, ActSpe
     return replace(weight, bits=PROMOTED_BITS), replace(act, bits=act_bits)
 
 
-def decision_margins(logits: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-    """Logits [..., V] and chosen tokens [...] -> the chosen token's logit minus the best other one [...]."""
-    logits = logits.float()
-    chosen = logits.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
-    return chosen - logits.scatter(-1, choice.unsqueeze(-1), float("-inf")).amax(-1)
-
-
-def soft_flips(margins: torch.Tensor, weights: torch.Tensor, temperature: float = FLIP_TEMPERATURE) -> float:
-    """sum_t w_t sigmoid(-margin_t / T): the weighted count of decisions a student takes against the teacher's
-    choice, softened so that a margin's shrinking counts before it changes sign. margins, weights [N]."""
-    return float((weights * torch.sigmoid(-margins.float() / temperature)).sum())
+def margin_error(logits: torch.Tensor, best: torch.Tensor, gap: torch.Tensor) -> float:
+    """sum_t |l_t[b1] - l_t[b2] - gap_t|: how far logits [N, V] move the gap between the teacher's two best
+    tokens best [N, 2] from the teacher's own gap [N] (parity's ``decision_margin_error``, summed)."""
+    pair = logits.gather(-1, best).float()
+    return float((pair[:, 0] - pair[:, 1] - gap).abs().sum())
 
 
 def choose_promoted(scores: dict[str, float], sizes: dict[str, int], budget: float, bits: int) -> list[str]:
@@ -89,16 +82,14 @@ class Promotion:
         return cls(data["by"], data["budget"], data["scores"], tuple(data["promoted"]), data["seconds"])
 
 
-def promote(
-    model: Denoiser, tokens: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], cfg: QuantConfig
-) -> Promotion:
+def promote(model: Denoiser, tokens: Sequence[torch.Tensor], cfg: QuantConfig) -> Promotion:
     """Score every linear of ``model`` (turned, not yet quantized) on ``cfg.promote_states`` of the calibration
-    states (tokens [S, L], token weights [S, L] per chunk), then spend ``cfg.promote_budget`` on them."""
+    states (tokens [S, L] per chunk), then spend ``cfg.promote_budget`` on them."""
     if cfg.promote_by == "hessian" and is_streamed(model):
         raise ConfigError("promote_by hessian takes gradients in every weight: it needs the blocks on the device "
                           "(drop --stream-blocks or promote by flips)")  # fmt: skip
     start = time.perf_counter()
-    rows = pick_rows(tokens, weights, cfg.promote_states)
+    rows = pick_rows(tokens, cfg.promote_states)
     scores = (flip_scores if cfg.promote_by == "flips" else hessian_scores)(model, rows, cfg)
     sizes = {
         layer_key(i, name): block.get_submodule(name).weight.numel()
@@ -109,17 +100,15 @@ def promote(
     return Promotion(cfg.promote_by, cfg.promote_budget, scores, tuple(promoted), time.perf_counter() - start)
 
 
-def pick_rows(
-    tokens: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], count: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """About ``count`` states, evenly spaced within each chunk and shared among chunks by their size, as
-    (tokens [s, L], weights [s, L]) pieces of at most ``ROWS`` states."""
+def pick_rows(tokens: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """About ``count`` states, evenly spaced within each chunk (tokens [S, L]) and shared among chunks by their
+    size, in pieces of at most ``ROWS`` states."""
     total = sum(t.shape[0] for t in tokens)
     pieces = []
-    for t, w in zip(tokens, weights, strict=True):
+    for t in tokens:
         keep = max(1, round(count * t.shape[0] / total))
         index = torch.linspace(0, t.shape[0] - 1, min(keep, t.shape[0])).round().long().unique()
-        pieces += [(t[part], w[part]) for part in index.split(ROWS)]
+        pieces += [t[part] for part in index.split(ROWS)]
     return pieces
 
 
@@ -148,48 +137,46 @@ def low_bit_student(model: Denoiser, cfg: QuantConfig) -> Iterator[dict[str, Qua
 
 
 @torch.no_grad()
-def flip_scores(model: Denoiser, rows: list[tuple[torch.Tensor, torch.Tensor]], cfg: QuantConfig) -> dict[str, float]:
-    """Per linear: the soft flips of the low-bit student minus those with that linear alone promoted, at the
-    decision positions of ``rows``, against the teacher's (the turned full-precision model's) own choices."""
+def flip_scores(model: Denoiser, rows: list[torch.Tensor], cfg: QuantConfig) -> dict[str, float]:
+    """Per linear: the low-bit student's margin error at the masked positions of ``rows`` minus that with the
+    linear alone promoted, against the teacher's (the turned full-precision model's) two best tokens there."""
     pieces = []
-    for tokens, weights in rows:
+    for tokens in rows:
         tokens = tokens.to(model.device)
-        mask = decision_masks([tokens], model.spec)[0]
-        choice = model(tokens).argmax(-1)
-        pieces.append((tokens, model.block_context(tokens), mask, choice, weights.to(model.device)[mask]))
+        at = decision_masks([tokens], model.spec)[0]
+        top = model(tokens)[at].float().topk(2, dim=-1)
+        pieces.append((model.block_context(tokens), at, top.indices, top.values[:, 0] - top.values[:, 1], tokens))
     with low_bit_student(model, cfg) as originals:
         inputs = []  # per piece, the low-bit student's input to every block
-        for tokens, ctx, *_ in pieces:
+        for ctx, *_, tokens in pieces:
             hidden, entering = model.embed(tokens), []
             for block in model.blocks:
                 entering.append(hidden)
                 hidden = model.run_block(block, hidden, ctx)
             inputs.append(entering)
 
-        def flips_from(first: int) -> float:
+        def error_from(first: int) -> float:
             total = 0.0
-            for (_, ctx, mask, choice, weights), entering in zip(pieces, inputs, strict=True):
+            for (ctx, at, best, gap, _), entering in zip(pieces, inputs, strict=True):
                 hidden = entering[first]
                 for block in model.blocks[first:]:
                     hidden = model.run_block(block, hidden, ctx)
-                total += soft_flips(decision_margins(model.head(hidden)[mask], choice[mask]), weights)
+                total += margin_error(model.head(hidden[at].unsqueeze(0))[0], best, gap)
             return total
 
-        base, scores = flips_from(0), {}
+        base, scores = error_from(0), {}
         promoted = promoted_specs(cfg.weight_spec(), replace(cfg.act_spec(), static_amax=None))
         for key, linear in originals.items():
             index, name = split_layer_key(key)
             block = model.blocks[index]
             layer = QuantLinear(low_bit_layer(linear, *promoted), linear.bias, model.dtype).to(linear.weight.device)
             low = replace_linear(block, name, layer)
-            scores[key] = base - flips_from(index)
+            scores[key] = base - error_from(index)
             replace_linear(block, name, low)
     return scores
 
 
-def hessian_scores(
-    model: Denoiser, rows: list[tuple[torch.Tensor, torch.Tensor]], cfg: QuantConfig
-) -> dict[str, float]:
+def hessian_scores(model: Denoiser, rows: list[torch.Tensor], cfg: QuantConfig) -> dict[str, float]:
     """Per linear, HAWQ's sensitivity tr(H) / n * ||RTN(W) - W||^2: H the Hessian of the teacher's cross-entropy
     against its own choices at the masked positions, its trace by the empirical Fisher sum_s ||dL_s/dW||^2 over
     the states s taken one at a time."""
@@ -202,7 +189,7 @@ def hessian_scores(
     try:
         for p in params:
             p.requires_grad_(True)
-        for tokens, _ in rows:
+        for tokens in rows:
             for row in tokens.to(model.device).split(1):
                 mask = decision_masks([row], model.spec)[0]
                 with torch.no_grad():

@@ -107,7 +107,7 @@ def calibrate(
     tokens = [c.tokens.to(device) for c in calib.chunks]
     weights = [c.weights.to(device=device, dtype=torch.float32) for c in calib.chunks]
     contexts = [model.block_context(t) for t in tokens]
-    result = whole_model(model, cfg, tokens, weights, done, events)
+    result = whole_model(model, cfg, tokens, done, events)
     promoted = set(result.promotion.promoted) if result.promotion is not None else set()
     if offload is not None:
         for block in model.blocks:
@@ -150,9 +150,8 @@ def calibrate(
 
 
 def whole_model(
-    model: Denoiser, cfg: QuantConfig, tokens: list[torch.Tensor], weights: list[torch.Tensor], done: Calibrated,
-    events: Events,
-) -> Calibrated:  # fmt: skip
+    model: Denoiser, cfg: QuantConfig, tokens: list[torch.Tensor], done: Calibrated, events: Events
+) -> Calibrated:
     """What needs every block before the first is quantized: the turned residual, then the linears promoted to
     8 bits (each taken from ``done`` when an interrupted run got that far)."""
     result = Calibrated()
@@ -160,7 +159,7 @@ def whole_model(
         result.fp_params.update(turn_residual(model, cfg, tokens, done, events))
     result.promotion = done.promotion
     if cfg.promote_budget > 0 and result.promotion is None:
-        result.promotion = promote(model, tokens, weights, cfg)
+        result.promotion = promote(model, tokens, cfg)
         events.promoted(result.promotion)
     return result
 

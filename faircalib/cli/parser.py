@@ -49,7 +49,7 @@ FIELD_HELP = {
     "recon_batch": "calibration states per reconstruction step",
     "head_weight": "weight of the logits-level KL in the last block's reconstruction (0: off)",
     "promote_budget": "keep the linears that matter most at 8 bits, within this many percent of extra weight bits",
-    "promote_by": "what picks them: each linear's measured frontier flips, or HAWQ's Hessian-trace sensitivity",
+    "promote_by": "what picks them: how far each linear moves the teacher's decisions, or HAWQ's Hessian trace",
     "promote_states": "calibration states the linears are scored on",
     # BenchConfig
     "model": "checkpoint directory",

@@ -13,14 +13,13 @@ from faircalib.calib.linear import QuantLinear, install
 from faircalib.calib.promotion import (
     Promotion,
     choose_promoted,
-    decision_margins,
     flip_scores,
     hessian_scores,
     low_bit_layer,
     low_bit_student,
+    margin_error,
     pick_rows,
     promoted_specs,
-    soft_flips,
 )
 from faircalib.calib.quant import ActSpec, WeightSpec
 from faircalib.calib.quarot import rotate_model
@@ -39,13 +38,11 @@ def states(seed=0, rows=6, length=12):
     return tokens
 
 
-def test_margins_and_soft_flips():
+def test_margin_error_sums_how_far_each_gap_moved():
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 2.5]])
-    choice = torch.tensor([0, 1])
-    assert decision_margins(logits, choice).tolist() == [2.0, -0.5]
-    weights = torch.tensor([1.0, 2.0])
-    want = float(torch.sigmoid(torch.tensor(-2.0)) + 2 * torch.sigmoid(torch.tensor(0.5)))
-    assert soft_flips(torch.tensor([2.0, -0.5]), weights) == pytest.approx(want)
+    best = torch.tensor([[0, 1], [1, 2]])  # the teacher's two best tokens
+    gap = torch.tensor([1.5, 0.25])  # the teacher's gaps: the first grew by 0.5, the second flipped by 0.75
+    assert margin_error(logits, best, gap) == pytest.approx(0.5 + 0.75)
 
 
 def test_the_budget_buys_the_best_score_per_bit():
@@ -68,30 +65,30 @@ def test_promoted_formats():
 
 def test_rows_are_spread_over_the_chunks():
     tokens = [torch.arange(40).reshape(20, 2), torch.arange(20).reshape(10, 2)]
-    weights = [torch.ones(20, 2), torch.ones(10, 2)]
-    rows = pick_rows(tokens, weights, 12)
-    assert sum(t.shape[0] for t, _ in rows) == 12 and all(t.shape[0] <= 8 for t, _ in rows)
-    assert rows[0][0][0, 0] == 0 and rows[-1][0][-1, 0] == 18  # both ends of each chunk
+    rows = pick_rows(tokens, 12)
+    assert sum(t.shape[0] for t in rows) == 12 and all(t.shape[0] <= 8 for t in rows)
+    assert rows[0][0, 0] == 0 and rows[-1][-1, 0] == 18  # both ends of each chunk
 
 
-def reference_flip_scores(model, tokens, weights, cfg):
+def reference_flip_scores(model, tokens, cfg):
     """Every linear's score by whole forwards of two separately built students."""
-    mask = tokens == MASK
-    choice = model(tokens).argmax(-1)
+    decided = tokens == MASK
+    teacher = model(tokens)[decided].topk(2, dim=-1)
     promoted_weight, promoted_act = promoted_specs(cfg.weight_spec(), cfg.act_spec())
 
-    def flips(promoted=None):
+    def error(promoted=None):
         student = copy.deepcopy(model)
         for i, block in enumerate(student.blocks):
             for name in linear_names(student):
                 specs = (promoted_weight, promoted_act) if layer_key(i, name) == promoted else (
                     cfg.weight_spec(), cfg.act_spec())  # fmt: skip
                 install(block, name, low_bit_layer(block.get_submodule(name), *specs), student.dtype)
-        return soft_flips(decision_margins(student(tokens)[mask], choice[mask]), weights[mask])
+        pair = student(tokens)[decided].gather(-1, teacher.indices)
+        return float((pair[:, 0] - pair[:, 1] - (teacher.values[:, 0] - teacher.values[:, 1])).abs().sum())
 
-    base = flips()
+    base = error()
     keys = [layer_key(i, name) for i in range(len(model.blocks)) for name in linear_names(model)]
-    return {key: base - flips(key) for key in keys}
+    return {key: base - error(key) for key in keys}
 
 
 def test_flip_scores_match_whole_forwards(tiny_dirs):
@@ -99,10 +96,10 @@ def test_flip_scores_match_whole_forwards(tiny_dirs):
     model = load_denoiser(tiny_dirs["llada"])
     rotate_model(model, 0)
     cfg = QuantConfig(method="custom", abits=4, rotate=True)
-    tokens, weights = states(), torch.rand(6, 12, generator=torch.Generator().manual_seed(1))
+    tokens = states()
     before = model(tokens)
-    got = flip_scores(model, pick_rows([tokens], [weights], 6), cfg)
-    want = reference_flip_scores(model, tokens, weights, cfg)
+    got = flip_scores(model, pick_rows([tokens], 6), cfg)
+    want = reference_flip_scores(model, tokens, cfg)
     assert got.keys() == want.keys()
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=1e-4), key
@@ -113,7 +110,7 @@ def test_flip_scores_match_whole_forwards(tiny_dirs):
 def test_hessian_scores_leave_no_gradients(tiny_dirs):
     model = load_denoiser(tiny_dirs["llada"])
     tokens = states()
-    scores = hessian_scores(model, pick_rows([tokens], [torch.ones(6, 12)], 4), QuantConfig(method="custom", abits=4))
+    scores = hessian_scores(model, pick_rows([tokens], 4), QuantConfig(method="custom", abits=4))
     assert len(scores) == 14 and all(s > 0 for s in scores.values())
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
 
