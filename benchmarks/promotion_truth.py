@@ -26,7 +26,7 @@ import torch
 from faircalib.bench.run import BenchConfig, evaluation, seed_data
 from faircalib.calib.artifact import QuantArtifact
 from faircalib.calib.config import preset
-from faircalib.calib.linear import QuantLinear, replace_linear
+from faircalib.calib.linear import QuantLinear
 from faircalib.calib.probe import teacher_states
 from faircalib.calib.promotion import (
     choose_promoted,
@@ -35,50 +35,32 @@ from faircalib.calib.promotion import (
     low_bit_layer,
     low_bit_student,
     margin_error,
+    masked_decisions,
     pick_rows,
     promoted_specs,
+    promotion_gains,
 )
-from faircalib.calib.student import layer_key, linear_names, split_layer_key
+from faircalib.calib.student import layer_key, linear_names
 from faircalib.models.tokenizer import encode_prompt, load_tokenizer
 from faircalib.sampling import record_runs
 from faircalib.zoo import wiki
 
 
 def frontier_rows(runs, every: int) -> list[tuple[torch.Tensor, ...]]:
-    """(tokens [B, L], committed [B, L], teacher's two best tokens [B, L, 2], its gap [B, L]) per recorded step."""
-    return [(r.tokens, r.committed, torch.stack((r.top1, r.top2), -1), r.logit_gap.float())
-            for _, run in runs for r in run.trajectory.steps[::every]]  # fmt: skip
+    """Per recorded step: tokens [B, L], the teacher's commits [B, L], and there its two best tokens [N, 2] and
+    their logit gap [N]."""
+    rows = []
+    for _, run in runs:
+        for r in run.trajectory.steps[::every]:
+            best = torch.stack((r.top1, r.top2), -1)
+            rows.append((r.tokens, r.committed, best[r.committed], r.logit_gap.float()[r.committed]))
+    return rows
 
 
-@torch.no_grad()
-def leave_one_out(model, keys, rows, promoted_layer) -> dict[str, list[float]]:
-    """Per linear key: [frontier flips, margin error] of ``model`` minus those with that linear promoted."""
-    cache = []
-    for tokens, committed, best, gap in rows:
-        ctx, hidden, entering = model.block_context(tokens), model.embed(tokens), []
-        for block in model.blocks:
-            entering.append(hidden)
-            hidden = model.run_block(block, hidden, ctx)
-        cache.append((ctx, entering, committed, best[committed], gap[committed]))
-
-    def measured(first: int) -> torch.Tensor:
-        total = torch.zeros(2, dtype=torch.float64)
-        for ctx, entering, at, best, gap in cache:
-            hidden = entering[first]
-            for block in model.blocks[first:]:
-                hidden = model.run_block(block, hidden, ctx)
-            logits = model.head(hidden[at].unsqueeze(0))[0].float()
-            flips = (logits.argmax(-1) != best[:, 0]).sum()
-            total += torch.tensor([float(flips), margin_error(logits, best, gap)], dtype=torch.float64)
-        return total
-
-    base, effects = measured(0), {}
-    for key in keys:
-        index, name = split_layer_key(key)
-        low = replace_linear(model.blocks[index], name, promoted_layer(key))
-        effects[key] = (base - measured(index)).tolist()
-        replace_linear(model.blocks[index], name, low)
-    return effects
+def flips_and_margin(logits: torch.Tensor, best: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    """[decisions the logits [N, V] take against the teacher's best token, their margin error]."""
+    flips = float((logits.argmax(-1) != best[:, 0]).sum())
+    return torch.tensor([flips, margin_error(logits, best, gap)], dtype=torch.float64)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -101,19 +83,15 @@ def seed_truth(args, cfg: BenchConfig, ev, seed: int, texts: list[str]) -> dict:
     calib = teacher_states([run for _, run in runs], qcfg, sampling, spec.mask_token_id)
     rows = pick_rows([chunk.tokens for chunk in calib.chunks], args.states)
     scores = {"flips": flip_scores(teacher, rows, qcfg), "hessian": hessian_scores(teacher, rows, qcfg)}
-    states = [(tokens, tokens == spec.mask_token_id, *teacher_top2(teacher, tokens)) for tokens in rows]
+    states = masked_decisions(teacher, rows)
     with low_bit_student(teacher, qcfg):
-        scores["counted"] = {k: v[0] for k, v in leave_one_out(teacher, linears, states, promoted_layer).items()}
+        counted = promotion_gains(teacher, states, list(linears), promoted_layer, flips_and_margin)
+    scores["counted"] = {key: float(gain[0]) for key, gain in counted.items()}
     student = QuantArtifact.load(args.artifacts / f"{args.method}-W4A4-seed{seed}").apply(copy.deepcopy(teacher))
-    truth = leave_one_out(student, linears, frontier_rows(ev.references, args.every), promoted_layer)
+    rows = frontier_rows(ev.references, args.every)
+    truth = promotion_gains(student, rows, list(linears), promoted_layer, flips_and_margin)
+    truth = {key: gain.tolist() for key, gain in truth.items()}
     return {"scores": scores, "truth": truth, "sizes": {k: lin.weight.numel() for k, lin in linears.items()}}
-
-
-@torch.no_grad()
-def teacher_top2(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's two best tokens [s, L, 2] and the gap between their logits [s, L]."""
-    top = model(tokens).float().topk(2, dim=-1)
-    return top.indices, top.values[..., 0] - top.values[..., 1]
 
 
 def table(results: dict, budgets: list[float]) -> str:

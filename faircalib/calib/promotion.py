@@ -17,11 +17,13 @@ The budget then goes to the best score per promoted byte.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
+from torch import nn
 
 from faircalib.calib.config import QuantConfig
 from faircalib.calib.linear import QuantizedLayer, QuantLinear, replace_linear
@@ -137,43 +139,69 @@ def low_bit_student(model: Denoiser, cfg: QuantConfig) -> Iterator[dict[str, Qua
 
 
 @torch.no_grad()
-def flip_scores(model: Denoiser, rows: list[torch.Tensor], cfg: QuantConfig) -> dict[str, float]:
-    """Per linear: the low-bit student's margin error at the masked positions of ``rows`` minus that with the
-    linear alone promoted, against the teacher's (the turned full-precision model's) two best tokens there."""
-    pieces = []
+def masked_decisions(model: Denoiser, rows: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """Per piece of states (tokens [s, L]): the tokens on the model's device, their masked positions [s, L],
+    and there the model's two best tokens [N, 2] and the logit gap between them [N]."""
+    decisions = []
     for tokens in rows:
         tokens = tokens.to(model.device)
         at = decision_masks([tokens], model.spec)[0]
         top = model(tokens)[at].float().topk(2, dim=-1)
-        pieces.append((model.block_context(tokens), at, top.indices, top.values[:, 0] - top.values[:, 1], tokens))
-    with low_bit_student(model, cfg) as originals:
-        inputs = []  # per piece, the low-bit student's input to every block
-        for ctx, *_, tokens in pieces:
-            hidden, entering = model.embed(tokens), []
-            for block in model.blocks:
-                entering.append(hidden)
+        decisions.append((tokens, at, top.indices, top.values[:, 0] - top.values[:, 1]))
+    return decisions
+
+
+@torch.no_grad()
+def promotion_gains(
+    model: Denoiser,
+    decisions: list[tuple[torch.Tensor, ...]],
+    keys: Sequence[str],
+    promoted: Callable[[str], nn.Module],
+    measure: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any],
+) -> dict[str, Any]:
+    """Per linear key: ``measure`` (of the logits [N, V] at the decided positions, the teacher's two best tokens
+    [N, 2] and gap [N]) summed over ``decisions`` (tokens, positions, best, gap) on ``model`` as it is, minus the
+    same with ``promoted(key)`` in that linear's place. Each promotion reruns the model from its linear's block
+    on the blocks' inputs, computed once."""
+    cached = []
+    for tokens, at, best, gap in decisions:
+        ctx, hidden, entering = model.block_context(tokens), model.embed(tokens), []
+        for block in model.blocks:
+            entering.append(hidden)
+            hidden = model.run_block(block, hidden, ctx)
+        cached.append((ctx, entering, at, best, gap))
+
+    def measured(first: int) -> Any:
+        total = 0.0
+        for ctx, entering, at, best, gap in cached:
+            hidden = entering[first]
+            for block in model.blocks[first:]:
                 hidden = model.run_block(block, hidden, ctx)
-            inputs.append(entering)
+            total = total + measure(model.head(hidden[at].unsqueeze(0))[0], best, gap)
+        return total
 
-        def error_from(first: int) -> float:
-            total = 0.0
-            for (ctx, at, best, gap, _), entering in zip(pieces, inputs, strict=True):
-                hidden = entering[first]
-                for block in model.blocks[first:]:
-                    hidden = model.run_block(block, hidden, ctx)
-                total += margin_error(model.head(hidden[at].unsqueeze(0))[0], best, gap)
-            return total
+    base, gains = measured(0), {}
+    for key in keys:
+        index, name = split_layer_key(key)
+        low = replace_linear(model.blocks[index], name, promoted(key))
+        gains[key] = base - measured(index)
+        replace_linear(model.blocks[index], name, low)
+    return gains
 
-        base, scores = error_from(0), {}
-        promoted = promoted_specs(cfg.weight_spec(), replace(cfg.act_spec(), static_amax=None))
-        for key, linear in originals.items():
-            index, name = split_layer_key(key)
-            block = model.blocks[index]
-            layer = QuantLinear(low_bit_layer(linear, *promoted), linear.bias, model.dtype).to(linear.weight.device)
-            low = replace_linear(block, name, layer)
-            scores[key] = base - error_from(index)
-            replace_linear(block, name, low)
-    return scores
+
+@torch.no_grad()
+def flip_scores(model: Denoiser, rows: list[torch.Tensor], cfg: QuantConfig) -> dict[str, float]:
+    """Per linear: the low-bit student's margin error at the masked positions of ``rows`` minus that with the
+    linear alone promoted, against the teacher's (the turned full-precision model's) two best tokens there."""
+    decisions = masked_decisions(model, rows)
+    specs = promoted_specs(cfg.weight_spec(), replace(cfg.act_spec(), static_amax=None))
+    with low_bit_student(model, cfg) as originals:
+
+        def promoted(key: str) -> QuantLinear:
+            linear = originals[key]
+            return QuantLinear(low_bit_layer(linear, *specs), linear.bias, model.dtype).to(linear.weight.device)
+
+        return promotion_gains(model, decisions, list(originals), promoted, margin_error)
 
 
 def hessian_scores(model: Denoiser, rows: list[torch.Tensor], cfg: QuantConfig) -> dict[str, float]:
