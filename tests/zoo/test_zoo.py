@@ -14,9 +14,9 @@ from faircalib.sampling import LLaDASampling, generate
 from faircalib.zoo import model_dir, wiki
 from faircalib.zoo.train import eval_windows_of, evaluate_masked, token_stream, unigram_accuracy
 
-# Masked accuracy at ratio 0.15 on the first 128 evaluation windows (seed 1234) measured 0.1282 when the
+# Masked accuracy at ratio 0.15 on the first 128 evaluation windows (seed 1234) measured 0.1563 when the
 # model was installed (docs/RESULTS.md); the floor leaves room only for other CPUs' bf16 rounding.
-ACCURACY_FLOOR = 0.125
+ACCURACY_FLOOR = 0.152
 
 
 @cache
