@@ -38,9 +38,10 @@ def training_text(log: dict) -> str:
     parts = []
     for phase in phases_of(log):
         c = phase["train_config"]
+        stopped = f", stopped by the time limit at step {phase['steps']}" if phase["steps"] < c["steps"] else ""
         parts.append(
-            f"{phase['steps']} steps at peak lr {c['lr']} ({c['warmup']} warm-up steps, cosine decay to "
-            f"{c['min_lr_ratio']:g} of it), seed {c['seed']}, {phase['minutes']:.0f} min"
+            f"{c['steps']} steps planned at peak lr {c['lr']} ({c['warmup']} warm-up steps, cosine decay to "
+            f"{c['min_lr_ratio']:g} of it){stopped}, seed {c['seed']}, {phase['minutes']:.0f} min"
         )
     cfg = log["train_config"]
     tokens = log["steps_done"] * cfg["batch_size"] * cfg["seq_len"]

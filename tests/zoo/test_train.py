@@ -32,7 +32,7 @@ def test_init_from_a_directory_without_a_log_says_so(tmp_path):
 
 def test_the_card_tells_every_phase_and_the_accuracy_outside_wikipedia(tmp_path):
     log = first_run_log()
-    second = {**log["train_config"], "lr": 0.001, "seed": 1}
+    second = {**log["train_config"], "lr": 0.001, "seed": 1, "steps": 200}
     later = "python -m faircalib.zoo.train --out X --init-from X --lr 0.001 --seed 1"
     log["phases"] = [
         {"train_config": log["train_config"], "steps": 300, "minutes": 12.0, "command": "make train"},
@@ -43,7 +43,8 @@ def test_the_card_tells_every_phase_and_the_accuracy_outside_wikipedia(tmp_path)
                                 "best_constant_accuracy": 0.05, "ratio_to_constant": 2.2}  # fmt: skip
     (tmp_path / "model.safetensors").write_bytes(b"0" * 2048)
     text = write_model_card(tmp_path, log, [("The river", " flows")]).read_text()
-    assert "300 steps at peak lr 0.002" in text and "then 200 steps at peak lr 0.001" in text
+    assert "2400 steps planned at peak lr 0.002" in text and "stopped by the time limit at step 300" in text
+    assert "then 200 steps planned at peak lr 0.001" in text
     assert "In all 500 steps" in text and "20 minutes" in text
     assert f"then `{later}`" in text and "`make train` (`python -m faircalib.zoo.train" in text
     assert "it scores 0.1100 against 0.0500" in text and "2.20x" in text
