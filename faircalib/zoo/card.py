@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from faircalib.files import write_json_atomic
 from faircalib.zoo.wiki import load_articles
 
 SAMPLE_PROMPTS = ("The history of the city", "The river flows", "In 1905, the")
@@ -114,3 +116,17 @@ License: the weights are derived from CC BY-SA 4.0 text and are shared under the
     path = out / "README.md"
     path.write_text(text)
     return path
+
+
+def publish(out: Path) -> Path:
+    """The README of a checkpoint faircalib.zoo.train wrote, from its log, with greedy samples and (where Debian's
+    bible-kjv-text is installed) its accuracy outside Wikipedia, which also goes into the log."""
+    from faircalib.models import load_denoiser, load_tokenizer
+    from faircalib.zoo import kjv
+
+    shipped, tokenizer = load_denoiser(out), load_tokenizer(out)  # the bf16 checkpoint, through the real loader
+    log = json.loads((out / "train_log.json").read_text())
+    if kjv.available():
+        log["outside_wikipedia"] = kjv.outside_wikipedia(shipped, tokenizer)
+        write_json_atomic(out / "train_log.json", log)
+    return write_model_card(out, log, greedy_samples(shipped, tokenizer))

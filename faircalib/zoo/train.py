@@ -216,22 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m faircalib.zoo.train " + " ".join(sys.argv[1:] if argv is None else argv)
     done = resume_log(args.init_from, log) if args.init_from is not None else (0, 0.0)
     train_loop(args, cfg, model, tokenizer, train_stream, eval_windows, log, command, done)
+    from faircalib.zoo.card import publish
+
     publish(args.out)
-
-
-def publish(out: Path) -> Path:
-    """The README of a checkpoint this script wrote, from its log, with greedy samples and (where Debian's
-    bible-kjv-text is installed) its accuracy outside Wikipedia, which also goes into the log."""
-    from faircalib.models import load_denoiser, load_tokenizer
-    from faircalib.zoo import kjv
-    from faircalib.zoo.card import greedy_samples, write_model_card
-
-    shipped, tokenizer = load_denoiser(out), load_tokenizer(out)  # the bf16 checkpoint, through the real loader
-    log = json.loads((out / "train_log.json").read_text())
-    if kjv.available():
-        log["outside_wikipedia"] = kjv.outside_wikipedia(shipped, tokenizer)
-        write_json_atomic(out / "train_log.json", log)
-    return write_model_card(out, log, greedy_samples(shipped, tokenizer))
 
 
 def resume_log(init_from: Path, log: dict) -> tuple[int, float]:
