@@ -34,6 +34,7 @@ from faircalib.calib.student import layer_key, linear_names, split_layer_key
 from faircalib.errors import ConfigError
 from faircalib.models.base import Denoiser
 from faircalib.models.streaming import is_streamed
+from faircalib.sampling.metrics import gap_moved
 
 PROMOTED_BITS = 8
 ROWS = 8  # states per forward while scoring
@@ -48,8 +49,7 @@ def promoted_specs(weight: WeightSpec, act: ActSpec) -> tuple[WeightSpec, ActSpe
 def margin_error(logits: torch.Tensor, best: torch.Tensor, gap: torch.Tensor) -> float:
     """sum_t |l_t[b1] - l_t[b2] - gap_t|: how far logits [N, V] move the gap between the teacher's two best
     tokens best [N, 2] from the teacher's own gap [N] (parity's ``decision_margin_error``, summed)."""
-    pair = logits.gather(-1, best).float()
-    return float((pair[:, 0] - pair[:, 1] - gap).abs().sum())
+    return float(gap_moved(logits, best, gap).sum())
 
 
 def choose_promoted(scores: dict[str, float], sizes: dict[str, int], budget: float, bits: int) -> list[str]:

@@ -48,6 +48,13 @@ PARITY_METRICS = (
 )
 
 
+def gap_moved(logits: torch.Tensor, best: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    """|l[b1] - l[b2] - gap|: how far logits [..., V] move the gap between the teacher's two best tokens
+    best [..., 2] from the teacher's own gap [...] (the decision margin error per position)."""
+    pair = logits.gather(-1, best).float()  # cast 2 logits, not [V]
+    return (pair[..., 0] - pair[..., 1] - gap).abs()
+
+
 @torch.no_grad()
 def teacher_forced_counts(
     student: Denoise, teacher: GenerationResult, sampling: Sampling, spec: DenoiserSpec, schedule: Schedule
@@ -91,8 +98,7 @@ def teacher_forced_counts(
         counts["set_misses"][index] = int((theirs & ~mine.committed).sum())
         counts["student_commits"][index] = int(mine.committed.sum())
         counts["write_errors"][index] = int((mine.committed & (mine.candidates != teacher.tokens)).sum())
-        best = logits.gather(-1, torch.stack((record.top1, record.top2), -1)).float()  # cast 2 logits, not [V]
-        moved = (best[..., 0] - best[..., 1] - record.logit_gap).abs()
+        moved = gap_moved(logits, torch.stack((record.top1, record.top2), -1), record.logit_gap)
         counts["margin_error"][index] = float(moved[theirs].double().sum())
     # where they broke, counted once per batch: small tensors made every step pin the freed heap between them
     theirs_all = teacher.trajectory.stacked("committed").cpu()
